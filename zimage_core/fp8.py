@@ -1,0 +1,86 @@
+"""fp8 (e4m3fn) weight storage with one scale per output row.
+
+Plain casting to e4m3 loses the small weights of a checkpoint to the subnormal range (e4m3's smallest
+normal is 2**-6); scaling each output row so that its largest weight maps to 448 keeps 3 mantissa bits
+for every row. ``FP8Linear`` dequantizes to the compute dtype for the matrix multiply, or, where the GPU
+has fp8 tensor cores (compute capability 8.9+), multiplies in fp8 through ``torch._scaled_mm`` with a
+row-wise scale for the activations too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+E4M3_MAX = 448.0
+
+
+def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, fp32 scale of shape [out, 1]) with ``weight ≈ w8.float() * scale``."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def scaled_mm_available(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+class FP8Linear(nn.Module):
+    """A bias-optional linear layer whose weight is stored as e4m3 with per-row fp32 scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(torch.empty(out_features, 1, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.fp8_matmul = False  # set by the speed options where scaled_mm_available()
+
+    @classmethod
+    def like(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "FP8Linear":
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype,
+                   device=linear.weight.device)
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        w8, scale = quantize_rowwise(weight)
+        self.weight = nn.Parameter(w8, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale).to(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_matmul and x.is_cuda:
+            return self._forward_scaled_mm(x)
+        x = x.to(self.compute_dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+        x8 = (x2 / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), bias=self.bias,
+            out_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16,
+        )
+        return out.reshape(*shape[:-1], self.out_features).to(self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 e4m3 rowwise"
+
+
+def swap_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype) -> None:
+    """Replace the named ``nn.Linear`` submodules with (empty) ``FP8Linear`` ones before loading."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FP8Linear.like(getattr(parent, child), compute_dtype))
