@@ -1,0 +1,20 @@
+"""zimage_core: Z-Image-Turbo loading, prompt encoding, sampling and decoding, with no ComfyUI import."""
+
+from .dtypes import ComponentDtype, DtypePolicy, resolve_policy
+from .errors import GenerationCancelled, ZImageError
+from .pipeline import GenerationResult, ZImage
+from .sampler import flow_sigmas, initial_noise, sample
+
+__all__ = [
+    "ComponentDtype",
+    "DtypePolicy",
+    "GenerationCancelled",
+    "GenerationResult",
+    "ZImage",
+    "ZImageError",
+    "flow_sigmas",
+    "initial_noise",
+    "resolve_policy",
+    "sample",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""``ZImage``: the three models, the tokenizer and the recipe behind one object.
+
+Loads from a diffusers folder or from ComfyUI split files, encodes prompts, samples and decodes. It is
+what the command line and the ComfyUI nodes call; each step is also usable alone (``encode_prompt``,
+``sample``, ``decode``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import loading, sampler, vae as vae_ops
+from .denoiser import Denoiser
+from .dtypes import DtypePolicy, resolve_policy
+from .errors import ZImageError
+from .text_encoding import PromptEncoder
+from .tokenizer import PromptTokenizer, find_tokenizer
+
+log = logging.getLogger("zimage_core")
+DEFAULT_SHIFT = 3.0
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _shift_of(model_dir: Path | None) -> float:
+    if model_dir and (model_dir / "scheduler" / "scheduler_config.json").is_file():
+        cfg = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+        if cfg.get("use_dynamic_shifting"):
+            raise ZImageError(f"{model_dir}: dynamic shifting is not the Z-Image recipe (shift 3).")
+        return float(cfg.get("shift", DEFAULT_SHIFT))
+    return DEFAULT_SHIFT
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # float32 [B, H, W, 3] in 0..1
+    latents: torch.Tensor  # float32 model-space latents [B, 16, H/8, W/8]
+    report: dict = field(default_factory=dict)
+
+
+class ZImage:
+    """Z-Image-Turbo ready to run: ``ZImage.load(...)`` then ``generate(...)``."""
+
+    def __init__(self, transformer, text_encoder, vae, tokenizer: PromptTokenizer, policy: DtypePolicy,
+                 device: torch.device, shift: float = DEFAULT_SHIFT, sources: dict | None = None):
+        self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
+        self.policy, self.device, self.shift = policy, torch.device(device), shift
+        self.sources = sources or {}
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+        self.denoiser = Denoiser(transformer)
+        self.guard = None
+        cap_dim = transformer.config.cap_feat_dim
+        if text_encoder.config.hidden_size != cap_dim:
+            raise ZImageError(
+                f"the text encoder gives {text_encoder.config.hidden_size}-wide embeddings but the transformer "
+                f"expects {cap_dim}: Z-Image-Turbo needs Qwen3-4B (qwen_3_4b.safetensors)."
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        transformer: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        dtype: str = "auto",
+        storage: str | None = None,
+        overrides: dict | None = None,
+    ) -> "ZImage":
+        """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part."""
+        device = torch.device(device) if device else default_device()
+        model_dir = Path(model) if model else None
+        if model_dir is not None and not (model_dir / "model_index.json").is_file():
+            raise ZImageError(
+                f"{model_dir} is not a diffusers folder (no model_index.json). Pass the folder of "
+                "Tongyi-MAI/Z-Image-Turbo, or the three split files instead."
+            )
+        parts = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+        for name, value in parts.items():
+            if value is None:
+                if model_dir is None:
+                    raise ZImageError(
+                        f"no {name.replace('_', ' ')} given: pass a diffusers folder, or all three split files "
+                        "(transformer, text encoder, VAE)."
+                    )
+                parts[name] = model_dir / name
+        policy = resolve_policy(device, dtype, storage, overrides)
+        tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
+        stats: list = []
+        models = {
+            "transformer": loading.load_transformer(parts["transformer"], policy.transformer, device, stats),
+            "text_encoder": loading.load_text_encoder(parts["text_encoder"], policy.text_encoder, device, stats),
+            "vae": loading.load_vae(parts["vae"], policy.vae, device, stats),
+        }
+        sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
+        return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir), sources=sources)
+
+    def set_precision_guard(self, policy: str | None = None):
+        """Attach a precision guard; ``None`` means auto with fp16 compute and off otherwise."""
+        from .guard import PrecisionGuard
+
+        if policy is None:
+            fp16 = any(self.policy.for_component(c).compute == torch.float16 for c in ("transformer", "text_encoder", "vae"))
+            policy = "auto" if fp16 else "off"
+        if self.guard is not None:
+            self.guard.detach()
+        self.guard = self.denoiser.guard = self.prompt_encoder.guard = None
+        if policy != "off":
+            PrecisionGuard(policy, self.device).attach(self)
+        return self.guard
+
+    # ---------------------------------------------------------------- the recipe
+    def encode_prompt(self, prompts: list[str] | str) -> list[torch.Tensor]:
+        return self.prompt_encoder.encode(prompts)
+
+    def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
+        kwargs.setdefault("shift", self.shift)
+        return sampler.sample(self.denoiser, cap_feats, **kwargs)
+
+    def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+        return vae_ops.decode(self.vae, latents, guard=self.guard, **kwargs)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return vae_ops.encode(self.vae, image)
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        seed: int = 0,
+        steps: int = 8,
+        width: int = 1024,
+        height: int = 1024,
+        batch_size: int = 1,
+        guidance: float = 0.0,
+        negative_prompt: str | list[str] = "",
+        denoise: float = 1.0,
+        init_image: torch.Tensor | None = None,
+        callback=None,
+        decode: bool = True,
+        tiled_decode: bool | str = "auto",
+        tile_size: int = 512,
+        tile_overlap: int = 64,
+    ) -> GenerationResult:
+        """Text (and optionally an init image) to images, following the reference recipe."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if batch_size < 1:
+            raise ZImageError(f"batch size {batch_size} is out of range: use 1 or more.")
+        prompts = [p for p in prompts for _ in range(batch_size)]
+        sampler.check_size(width, height)
+        cap_feats = self.encode_prompt(prompts)
+        negative_feats = None
+        if guidance > 0:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = [n for n in negatives for _ in range(batch_size)]
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            negative_feats = self.encode_prompt(negatives)
+        init_latents = None
+        if init_image is not None:
+            if init_image.shape[1:3] != (height, width):
+                raise ZImageError(
+                    f"the init image is {init_image.shape[2]}x{init_image.shape[1]} but {width}x{height} was asked "
+                    "for: resize the image or change width/height."
+                )
+            init_latents = self.encode_image(init_image)
+        if self.guard is not None:
+            self.guard.begin_run()
+        latents = self.sample(cap_feats, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
+                              negative_feats=negative_feats, denoise=denoise, init_latents=init_latents,
+                              callback=callback)
+        images = (self.decode(latents, tiled=tiled_decode, tile_size=tile_size, overlap=tile_overlap)
+                  if decode else None)
+        report = self.guard.report() if self.guard is not None else {}
+        return GenerationResult(images=images, latents=latents, report=report)
