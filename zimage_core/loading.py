@@ -25,7 +25,7 @@ from . import formats
 from .dtypes import ComponentDtype, dtype_name
 from .errors import ZImageError
 from .fp8 import FP8Linear, swap_linears
-from .safetensors_io import Checkpoint
+from .safetensors_io import Checkpoint, StagingBuffer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever touches the network
 log = logging.getLogger("zimage_core")
@@ -95,9 +95,13 @@ def _finish(model: nn.Module, expected: set[str], loaded: set[str], source: str,
     return model
 
 
+def _target_dtype(cdtype: ComponentDtype) -> torch.dtype:
+    """With fp8 storage only the swapped linears hold e4m3; every other tensor keeps the compute dtype."""
+    return cdtype.compute if cdtype.storage == torch.float8_e4m3fn else cdtype.storage
+
+
 def _stream_into(model, items, cdtype: ComponentDtype, device, expected: set[str], source: str) -> set[str]:
-    # With fp8 storage only the swapped linears hold e4m3; every other tensor keeps the compute dtype.
-    dtype = cdtype.compute if cdtype.storage == torch.float8_e4m3fn else cdtype.storage
+    dtype = _target_dtype(cdtype)
     loaded = set()
     for name, tensor in items:
         if name not in expected:
@@ -134,8 +138,10 @@ def load_transformer(source, cdtype: ComponentDtype, device="cpu", stats: list |
     expected = {n for n, _ in model.named_parameters()} - {f"{m}.weight_scale" for m in fp8}
     original = "all_x_embedder.2-1.weight" not in ckpt
 
+    staging = StagingBuffer(_target_dtype(cdtype), device)
+
     def items():
-        for key, tensor in ckpt.iter_tensors():
+        for key, tensor in ckpt.iter_tensors(staging):
             if original:
                 yield from convert_z_image_transformer_checkpoint_to_diffusers({key: tensor}).items()
             else:
@@ -181,9 +187,11 @@ def load_text_encoder(source, cdtype: ComponentDtype, device="cpu", stats: list 
     if extra:
         raise ZImageError(f"{name}: unexpected tensors outside {prefix!r} (e.g. {extra[0]!r}); not a Qwen3 text encoder file.")
 
+    staging = StagingBuffer(_target_dtype(cdtype), device)
+
     def items():
         for f in ckpt.files:
-            for key, tensor in f.iter_tensors([k for k in f.keys() if k in wanted]):
+            for key, tensor in f.iter_tensors([k for k in f.keys() if k in wanted], staging):
                 yield key[len(prefix):], tensor
 
     loaded = _stream_into(model, items(), cdtype, device, expected, name)
@@ -211,7 +219,7 @@ def load_vae(source, cdtype: ComponentDtype, device="cpu", stats: list | None = 
         items = convert_ldm_vae_checkpoint(state, config).items()
     else:
         prefix = formats.vae_prefix(ckpt.keys())
-        items = ((k[len(prefix):], t) for k, t in ckpt.iter_tensors())
+        items = ((k[len(prefix):], t) for k, t in ckpt.iter_tensors(StagingBuffer(_target_dtype(cdtype), device)))
     loaded = _stream_into(model, items, cdtype, device, expected, name)
     model = _finish(model, expected, loaded, name, device, cdtype)
     _record(stats, name, ckpt.nbytes, start)

@@ -36,6 +36,31 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+class StagingBuffer:
+    """One reusable read buffer for tensors that are cast or moved right after reading.
+
+    Allocating and freeing a fresh buffer per tensor makes glibc's allocator keep freed blocks around
+    (its mmap threshold grows): a 208 MiB bf16 load then peaked 370 MiB above the start instead of 232.
+    Tensors that keep their stored dtype on the CPU are read into their own buffer instead, since they
+    are used as they are.
+    """
+
+    def __init__(self, target_dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.target_dtype = target_dtype
+        self.device = torch.device(device)
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def wants(self, stored: torch.dtype) -> bool:
+        return stored != self.target_dtype or self.device.type != "cpu"
+
+    def view(self, nbytes: int) -> torch.Tensor:
+        if self._buf.numel() < nbytes:
+            self._buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            pin = self.device.type == "cuda"
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        return self._buf[:nbytes]
+
+
 class SafetensorsFile:
     """Header of one ``.safetensors`` file, checked against the file size, and reads of single tensors."""
 
@@ -92,10 +117,14 @@ class SafetensorsFile:
         _, _, start, stop = self._entries[key]
         return stop - start
 
-    def read(self, key: str, fh=None) -> torch.Tensor:
-        """Read one tensor into a fresh CPU buffer of its stored dtype."""
+    def read(self, key: str, fh=None, staging: StagingBuffer | None = None) -> torch.Tensor:
+        """Read one tensor in its stored dtype: into a fresh CPU buffer, or into ``staging`` when it wants it
+        (then the result is only valid until the next read)."""
         dtype, shape, start, stop = self._entries[key]
-        buf = torch.empty(stop - start, dtype=torch.uint8)
+        if staging is not None and staging.wants(dtype):
+            buf = staging.view(stop - start)
+        else:
+            buf = torch.empty(stop - start, dtype=torch.uint8)
         own = fh is None
         fh = open(self.path, "rb") if own else fh
         try:
@@ -108,13 +137,14 @@ class SafetensorsFile:
             raise ZImageError(f"{self.path}: short read of {key!r}; the file is damaged. Download it again.")
         return buf.view(dtype).reshape(shape)
 
-    def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, tensor)`` in file order, one buffer alive at a time unless the caller keeps it."""
+    def iter_tensors(self, keys: list[str] | None = None,
+                     staging: StagingBuffer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` in file order; see ``read`` for ``staging``."""
         wanted = self.keys() if keys is None else keys
         order = sorted(wanted, key=lambda k: self._entries[k][2])
         with open(self.path, "rb") as fh:
             for key in order:
-                yield key, self.read(key, fh)
+                yield key, self.read(key, fh, staging)
 
 
 class Checkpoint:
@@ -164,9 +194,9 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         return self._where[key].read(key)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, staging: StagingBuffer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for f in self.files:
-            yield from f.iter_tensors()
+            yield from f.iter_tensors(staging=staging)
 
     @property
     def nbytes(self) -> int:
