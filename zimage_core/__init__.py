@@ -2,7 +2,7 @@
 
 from .dtypes import ComponentDtype, DtypePolicy, resolve_policy
 from .errors import GenerationCancelled, ZImageError
-from .pipeline import GenerationResult, ZImage
+from .pipeline import GenerationResult, SpeedOptions, ZImage
 from .sampler import flow_sigmas, initial_noise, sample
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "GenerationCancelled",
     "GenerationResult",
     "ZImage",
+    "SpeedOptions",
     "ZImageError",
     "flow_sigmas",
     "initial_noise",

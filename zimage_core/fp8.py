@@ -23,6 +23,12 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
+def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, fp32 scale [rows, 1]) of a 2-D activation, for ``torch._scaled_mm``."""
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
 def scaled_mm_available(device: torch.device | str) -> bool:
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
@@ -65,9 +71,7 @@ class FP8Linear(nn.Module):
 
     def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        x8 = (x2 / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        x8, x_scale = quantize_activation_rowwise(x.reshape(-1, shape[-1]))
         out = torch._scaled_mm(
             x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), bias=self.bias,
             out_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16,

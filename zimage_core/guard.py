@@ -173,6 +173,10 @@ class PrecisionGuard:
             elif component == "vae" and name in guarded_blocks("vae", model):
                 self._handles.append(module.register_forward_hook(clamp_output))
 
+    def wants_module_forward(self, block: nn.Module) -> bool:
+        """Whether a fast path must call this block's module forward (where the guard acts) this time."""
+        return self.policy == "clamp" or self.probing or "_zimage_hp_dtype" in block.__dict__
+
     # ------------------------------------------------------------------ the block wrapper
     def _run(self, component, name, module, original, args, kwargs):
         hp_dtype = module.__dict__.get("_zimage_hp_dtype")

@@ -17,6 +17,8 @@ import torch
 
 from . import loading, sampler, vae as vae_ops
 from .denoiser import Denoiser
+from .fast_denoiser import FastDenoiser
+from .fp8 import scaled_mm_available
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
 from .text_encoding import PromptEncoder
@@ -43,6 +45,16 @@ def _shift_of(model_dir: Path | None) -> float:
     return DEFAULT_SHIFT
 
 
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Transformer speed options; each one's measured effect is in the README (benchmarks/bench_speed.py)."""
+
+    fast: bool = True  # fused weights, real-arithmetic RoPE, per-generation tables (same numbers)
+    compile: bool = False  # torch.compile of the block function (first run pays the compile)
+    attention: str = "auto"  # auto | sdpa | cudnn | flash | efficient | math
+    fp8_matmul: bool | str = "auto"  # fp8 tensor-core matmuls for fp8-stored weights where the GPU has them
+
+
 @dataclass
 class GenerationResult:
     images: torch.Tensor  # float32 [B, H, W, 3] in 0..1
@@ -54,13 +66,14 @@ class ZImage:
     """Z-Image-Turbo ready to run: ``ZImage.load(...)`` then ``generate(...)``."""
 
     def __init__(self, transformer, text_encoder, vae, tokenizer: PromptTokenizer, policy: DtypePolicy,
-                 device: torch.device, shift: float = DEFAULT_SHIFT, sources: dict | None = None):
+                 device: torch.device, shift: float = DEFAULT_SHIFT, sources: dict | None = None,
+                 speed: SpeedOptions | None = None):
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.policy, self.device, self.shift = policy, torch.device(device), shift
         self.sources = sources or {}
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
-        self.denoiser = Denoiser(transformer)
         self.guard = None
+        self.set_speed(speed or SpeedOptions())
         cap_dim = transformer.config.cap_feat_dim
         if text_encoder.config.hidden_size != cap_dim:
             raise ZImageError(
@@ -82,6 +95,7 @@ class ZImage:
         dtype: str = "auto",
         storage: str | None = None,
         overrides: dict | None = None,
+        speed: SpeedOptions | None = None,
     ) -> "ZImage":
         """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part."""
         device = torch.device(device) if device else default_device()
@@ -109,7 +123,22 @@ class ZImage:
             "vae": loading.load_vae(parts["vae"], policy.vae, device, stats),
         }
         sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
-        return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir), sources=sources)
+        return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir), sources=sources,
+                   speed=speed)
+
+    def set_speed(self, speed: SpeedOptions) -> None:
+        """Choose the transformer path: the reference loop, or the fast one with its options."""
+        self.speed = speed
+        if not speed.fast:
+            denoiser = Denoiser(self.transformer)
+        else:
+            fp8 = speed.fp8_matmul
+            if fp8 == "auto":
+                fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
+            denoiser = FastDenoiser(self.transformer, compile=speed.compile, attention=speed.attention,
+                                    fp8_matmul=bool(fp8))
+        denoiser.guard = self.guard
+        self.denoiser = denoiser
 
     def set_precision_guard(self, policy: str | None = None):
         """Attach a precision guard; ``None`` means auto with fp16 compute and off otherwise."""
