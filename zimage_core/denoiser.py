@@ -29,10 +29,12 @@ class DenoiseContext:
 class Denoiser:
     """Predicts the flow velocity for a batch of latents with the transformer (output sign as the model's)."""
 
-    def __init__(self, transformer: torch.nn.Module):
+    def __init__(self, transformer: torch.nn.Module, device: torch.device | str | None = None):
         self.transformer = transformer
+        self._device = torch.device(device) if device is not None else None
         self.guard = None  # a PrecisionGuard sets itself here
         self.step_index: int | None = None  # the sampler's current step, for guard reports
+        self.streamer = None  # set by sequential offload
 
     @property
     def dtype(self) -> torch.dtype:
@@ -41,7 +43,8 @@ class Denoiser:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_pad_token.device
+        """Where the computation runs (the weights may live on the CPU under offload)."""
+        return self._device or self.transformer.x_pad_token.device
 
     def prepare(self, cap_feats: list[torch.Tensor]) -> DenoiseContext:
         """Embed and refine the captions once; they are the same at every step."""

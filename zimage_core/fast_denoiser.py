@@ -165,8 +165,9 @@ class FastContext(DenoiseContext):
 class FastDenoiser(Denoiser):
     """``Denoiser`` with fused weights, real-arithmetic RoPE, optional compile, attention and fp8 choices."""
 
-    def __init__(self, transformer, *, compile: bool = False, attention: str = "auto", fp8_matmul: bool = False):
-        super().__init__(transformer)
+    def __init__(self, transformer, device=None, *, compile: bool = False, attention: str = "auto",
+                 fp8_matmul: bool = False):
+        super().__init__(transformer, device)
         if attention not in ATTENTION_BACKENDS:
             from .errors import ZImageError
 
@@ -229,6 +230,11 @@ class FastDenoiser(Denoiser):
     def _run(self, name, block, x, mask, mask_2d, freqs, cos, sin, adaln, weights):
         if self.guard is not None and self.guard.wants_module_forward(block):
             return block(x, mask_2d, freqs, adaln)  # diffusers' forward, wrapped or hooked by the guard
+        if self.streamer is not None:  # sequential offload: the block function bypasses the module's hooks
+            self.streamer.before(name)
+            out = self._block(x, mask, cos, sin, adaln, weights, self.heads, self.eps, self.fp8_matmul)
+            self.streamer.after(name)
+            return out
         return self._block(x, mask, cos, sin, adaln, weights, self.heads, self.eps, self.fp8_matmul)
 
     @torch.no_grad()

@@ -193,7 +193,7 @@ class PrecisionGuard:
         if dtype not in copies:
             clone = copy.deepcopy(module)
             for sub in clone.modules():  # the copy runs its class's forward, not the guard's wrapper
-                for attr in ("forward", "_zimage_guard", "_zimage_hp_dtype", "_zimage_hp_copies"):
+                for attr in ("forward", "_zimage_guard", "_zimage_hp_dtype", "_zimage_hp_copies", "_zimage_fused"):
                     sub.__dict__.pop(attr, None)
             clone.to(dtype)
             for sub in clone.modules():

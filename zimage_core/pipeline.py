@@ -19,6 +19,7 @@ from . import loading, sampler, vae as vae_ops
 from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser
 from .fp8 import scaled_mm_available
+from .offload import Offloader
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
 from .text_encoding import PromptEncoder
@@ -71,8 +72,9 @@ class ZImage:
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.policy, self.device, self.shift = policy, torch.device(device), shift
         self.sources = sources or {}
-        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder)
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device)
         self.guard = None
+        self.offloader = Offloader(self)
         self.set_speed(speed or SpeedOptions())
         cap_dim = transformer.config.cap_feat_dim
         if text_encoder.config.hidden_size != cap_dim:
@@ -96,6 +98,7 @@ class ZImage:
         storage: str | None = None,
         overrides: dict | None = None,
         speed: SpeedOptions | None = None,
+        offload: str = "none",
     ) -> "ZImage":
         """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part."""
         device = torch.device(device) if device else default_device()
@@ -117,28 +120,41 @@ class ZImage:
         policy = resolve_policy(device, dtype, storage, overrides)
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
         stats: list = []
+        where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
         models = {
-            "transformer": loading.load_transformer(parts["transformer"], policy.transformer, device, stats),
-            "text_encoder": loading.load_text_encoder(parts["text_encoder"], policy.text_encoder, device, stats),
-            "vae": loading.load_vae(parts["vae"], policy.vae, device, stats),
+            "transformer": loading.load_transformer(parts["transformer"], policy.transformer, where, stats),
+            "text_encoder": loading.load_text_encoder(parts["text_encoder"], policy.text_encoder, where, stats),
+            "vae": loading.load_vae(parts["vae"], policy.vae, where, stats),
         }
         sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
-        return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir), sources=sources,
-                   speed=speed)
+        zimage = cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir),
+                     sources=sources, speed=speed)
+        if offload != "none":
+            zimage.set_offload(offload)
+        return zimage
 
     def set_speed(self, speed: SpeedOptions) -> None:
         """Choose the transformer path: the reference loop, or the fast one with its options."""
         self.speed = speed
         if not speed.fast:
-            denoiser = Denoiser(self.transformer)
+            denoiser = Denoiser(self.transformer, self.device)
         else:
             fp8 = speed.fp8_matmul
             if fp8 == "auto":
                 fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
-            denoiser = FastDenoiser(self.transformer, compile=speed.compile, attention=speed.attention,
+            denoiser = FastDenoiser(self.transformer, self.device, compile=speed.compile, attention=speed.attention,
                                     fp8_matmul=bool(fp8))
         denoiser.guard = self.guard
+        mode = self.offloader.mode
+        if mode == "sequential":
+            self.offloader.reset()
         self.denoiser = denoiser
+        if mode == "sequential":
+            self.offloader.apply(mode)
+
+    def set_offload(self, mode: str) -> None:
+        """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
+        self.offloader.apply(mode)
 
     def set_precision_guard(self, policy: str | None = None):
         """Attach a precision guard; ``None`` means auto with fp16 compute and off otherwise."""
@@ -160,13 +176,14 @@ class ZImage:
 
     def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
         kwargs.setdefault("shift", self.shift)
+        self.offloader.before("transformer")
         return sampler.sample(self.denoiser, cap_feats, **kwargs)
 
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
-        return vae_ops.decode(self.vae, latents, guard=self.guard, **kwargs)
+        return vae_ops.decode(self.vae, latents, guard=self.guard, device=self.device, **kwargs)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        return vae_ops.encode(self.vae, image)
+        return vae_ops.encode(self.vae, image, device=self.device)
 
     def generate(
         self,
@@ -216,5 +233,6 @@ class ZImage:
                               callback=callback)
         images = (self.decode(latents, tiled=tiled_decode, tile_size=tile_size, overlap=tile_overlap)
                   if decode else None)
+        self.offloader.finish()
         report = self.guard.report() if self.guard is not None else {}
         return GenerationResult(images=images, latents=latents, report=report)

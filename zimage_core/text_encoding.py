@@ -16,8 +16,10 @@ from .tokenizer import PromptTokenizer
 class PromptEncoder:
     """Tokenizer + truncated Qwen3 (see ``loading.load_text_encoder``) with an LRU cache of embeddings."""
 
-    def __init__(self, tokenizer: PromptTokenizer, text_encoder: torch.nn.Module, cache_size: int = 64):
+    def __init__(self, tokenizer: PromptTokenizer, text_encoder: torch.nn.Module, cache_size: int = 64,
+                 device: torch.device | str | None = None):
         self.tokenizer = tokenizer
+        self._device = torch.device(device) if device is not None else None
         self.text_encoder = text_encoder
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -25,7 +27,8 @@ class PromptEncoder:
 
     @property
     def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+        """Where the encoder runs (its weights may live on the CPU under offload)."""
+        return self._device or next(self.text_encoder.parameters()).device
 
     @torch.no_grad()
     def encode_one(self, prompt: str) -> torch.Tensor:

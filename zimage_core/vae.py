@@ -54,7 +54,7 @@ def _plain_decode(vae, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size: int = 512, overlap: int = 64,
-           guard=None) -> torch.Tensor:
+           guard=None, device: torch.device | None = None) -> torch.Tensor:
     """Model-space latents ``[B, 16, h, w]`` to a float32 image ``[B, 8h, 8w, 3]`` in 0..1 on the CPU.
 
     ``tiled``: True, False, or "auto" (tile only when the plain decode would not fit in free memory).
@@ -64,7 +64,7 @@ def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size:
             f"latents of shape {tuple(latents.shape)} can't be decoded: the Flux VAE needs [B, "
             f"{vae.config.latent_channels}, H/8, W/8]."
         )
-    device, dtype = vae_device(vae), vae_dtype(vae)
+    device, dtype = device or vae_device(vae), vae_dtype(vae)
     z = to_vae_space(vae, latents.float()).to(device=device, dtype=dtype)
     use_tiles = tiled is True
     if tiled == "auto" and (free := _free_memory(device)) is not None:
@@ -88,7 +88,7 @@ def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size:
 
 
 @torch.no_grad()
-def encode(vae, image: torch.Tensor) -> torch.Tensor:
+def encode(vae, image: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """A float ``[B, H, W, C]`` image in 0..1 to model-space latents (the distribution's mean), float32 on the CPU."""
     if image.ndim != 4 or image.shape[-1] not in (3, 4):
         raise ZImageError(f"image of shape {tuple(image.shape)} can't be encoded: expected [B, H, W, 3] in 0..1.")
@@ -98,7 +98,7 @@ def encode(vae, image: torch.Tensor) -> torch.Tensor:
             f"image size {width}x{height} is not a multiple of 16: Z-Image works on 16-pixel patches. "
             "Resize or crop it first (e.g. with ImageScale) to a multiple of 16."
         )
-    device, dtype = vae_device(vae), vae_dtype(vae)
+    device, dtype = device or vae_device(vae), vae_dtype(vae)
     pixels = image[..., :3].permute(0, 3, 1, 2).to(device=device, dtype=dtype) * 2 - 1
     z = vae.encode(pixels).latent_dist.mode()
     return to_model_space(vae, z.float()).cpu()

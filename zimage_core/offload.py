@@ -1,0 +1,247 @@
+"""Memory policy: keep weights off the GPU except while they are needed.
+
+- ``none``: every model stays on the GPU.
+- ``model``: each model is on the GPU only while it runs (text encoder, then transformer, then VAE).
+- ``sequential``: the transformer's blocks and the text encoder's layers are streamed one at a time,
+  the next one copied in on a side stream while the current one computes; the VAE is moved as a whole.
+
+Weights keep one pinned CPU copy ("master"). Loading copies it to the GPU; offloading just points the
+tensors back at the master, with no device-to-host copy (the weights never change), which is what
+``module.to("cpu")`` would cost on every cycle. Moves work on storages, so tensors that share one (the
+fast path's fused q/k/v and w1/w3 weights and the module weights that are views into them) stay shared.
+The triggers are accelerate hooks (``ModelHook``), so a model's forward (and diffusers' ``decode``, which
+calls the hook) brings it in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn as nn
+from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+from .errors import ZImageError
+
+log = logging.getLogger("zimage_core")
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+def module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Parameters, buffers and the fast path's fused weights of a module (each tensor object once)."""
+    found = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        found[id(t)] = t
+    for sub in module.modules():
+        fused = sub.__dict__.get("_zimage_fused")
+        if fused is not None:
+            for group in (fused.qkv, fused.w13):
+                for t in group:
+                    if t is not None:
+                        found[id(t)] = t
+    return list(found.values())
+
+
+class StorageSet:
+    """A group of tensors moved together, storage by storage, between a pinned CPU master and a device."""
+
+    def __init__(self, tensors: list[torch.Tensor], pin: bool):
+        self.tensors = tensors
+        self.masters: dict[int, torch.UntypedStorage] = {}
+        for t in tensors:  # make the pinned masters and point every tensor at them
+            key = t.untyped_storage().data_ptr()
+            if key not in self.masters:
+                storage = t.untyped_storage()
+                if storage.device.type != "cpu":
+                    storage = storage.cpu()
+                if pin and not storage.is_pinned():
+                    storage = storage.pin_memory()
+                self.masters[key] = storage
+        self._views = [(t, self.masters[t.untyped_storage().data_ptr()]) for t in tensors]
+        self._set({id(m): m for m in self.masters.values()})
+        self.loaded = False
+        self.ready: torch.cuda.Event | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes() for m in self.masters.values())
+
+    def _set(self, storages: dict[int, torch.UntypedStorage]) -> None:
+        with torch.no_grad():
+            for t, master in self._views:
+                t.set_(storages[id(master)], t.storage_offset(), t.size(), t.stride())
+
+    def load(self, device: torch.device, stream: torch.cuda.Stream | None = None,
+             consumer: torch.cuda.Stream | None = None) -> None:
+        """Copy to ``device`` (on ``stream`` when given; then ``wait`` before use)."""
+        if self.loaded:
+            return
+        copies = {}
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for master in self.masters.values():
+                storage = torch.empty(master.nbytes(), dtype=torch.uint8, device=device)
+                storage.copy_(torch.empty(0, dtype=torch.uint8).set_(master), non_blocking=True)
+                if consumer is not None:
+                    storage.record_stream(consumer)
+                copies[id(master)] = storage.untyped_storage()
+            if stream is not None:
+                self.ready = torch.cuda.Event()
+                self.ready.record(stream)
+        self._set(copies)
+        self.loaded = True
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            torch.cuda.current_stream().wait_event(self.ready)
+            self.ready = None
+
+    def drop(self) -> None:
+        """Point back at the CPU masters; the device copies are freed once nothing uses them."""
+        if self.loaded:
+            self._set({id(m): m for m in self.masters.values()})
+            self.loaded = False
+
+
+class ComponentHook(ModelHook):
+    """accelerate hook: load the whole model before its forward, dropping the previous model first."""
+
+    def __init__(self, storage: StorageSet, device: torch.device, previous: "ComponentHook | None" = None):
+        self.storage, self.device, self.previous = storage, device, previous
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.previous is not None:
+            self.previous.offload()
+        self.storage.load(self.device)
+        return args, kwargs
+
+    def offload(self) -> None:
+        self.storage.drop()
+
+
+class BlockStreamer:
+    """Streams the named blocks in order: block i computes while block i+1 is copied in."""
+
+    def __init__(self, blocks: dict[str, nn.Module], device: torch.device, loop_from: str | None = None):
+        """``loop_from``: the block that follows the last one (the sampler runs the blocks once per step)."""
+        self.device = device
+        names = list(blocks)
+        self.next = dict(zip(names, names[1:]))
+        if loop_from is not None:
+            self.next[names[-1]] = loop_from
+        self.sets = {name: StorageSet(module_tensors(m), pin=device.type == "cuda") for name, m in blocks.items()}
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.hooks = []
+        for name, module in blocks.items():
+            self.hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: self.before(n)))
+            self.hooks.append(module.register_forward_hook(lambda m, a, o, n=name: self.after(n)))
+
+    def before(self, name: str) -> None:
+        current = self.sets[name]
+        consumer = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        current.load(self.device, self.stream, consumer)
+        current.wait()
+        upcoming = self.next.get(name)
+        if upcoming is not None:
+            self.sets[upcoming].load(self.device, self.stream, consumer)
+
+    def after(self, name: str) -> None:
+        self.sets[name].drop()
+
+    def drop_all(self) -> None:
+        for s in self.sets.values():
+            s.drop()
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _streamed_blocks(zimage) -> dict[str, nn.Module]:
+    t = zimage.transformer
+    return {name: t.get_submodule(name) for name in
+            [f"context_refiner.{i}" for i in range(len(t.context_refiner))]
+            + [f"noise_refiner.{i}" for i in range(len(t.noise_refiner))]
+            + [f"layers.{i}" for i in range(len(t.layers))]}
+
+
+def _rest_of(module: nn.Module, streamed: list[nn.Module]) -> list[torch.Tensor]:
+    inside = {id(t) for m in streamed for t in module_tensors(m)}
+    return [t for t in module_tensors(module) if id(t) not in inside]
+
+
+class Offloader:
+    """The offload state of one ``ZImage``; ``apply`` switches modes without reloading anything."""
+
+    def __init__(self, zimage):
+        self.zimage = zimage
+        self.mode = "none"
+        self.hooks: dict[str, ComponentHook] = {}
+        self.streamers: list[BlockStreamer] = []
+
+    def apply(self, mode: str) -> None:
+        if mode not in OFFLOAD_MODES:
+            raise ZImageError(f"offload {mode!r} is unknown: use one of {', '.join(OFFLOAD_MODES)}.")
+        self.reset()
+        z, device = self.zimage, self.zimage.device
+        pin = device.type == "cuda"
+        if mode != "none" and device.type == "cpu":
+            log.info("offload %s on the CPU moves weights between two copies in the same memory (tests only).", mode)
+        self.mode = mode
+        if mode == "model":
+            previous = None
+            for name in ("text_encoder", "transformer", "vae"):
+                model = getattr(z, name)
+                hook = ComponentHook(StorageSet(module_tensors(model), pin), device, previous)
+                add_hook_to_module(model, hook)
+                hook.offload()
+                self.hooks[name] = previous = hook
+        elif mode == "sequential":
+            blocks = _streamed_blocks(z)
+            self.streamers.append(BlockStreamer(blocks, device, loop_from="noise_refiner.0"))
+            z.denoiser.streamer = self.streamers[0]
+            layers = {f"layers.{i}": layer for i, layer in enumerate(z.text_encoder.layers)}
+            self.streamers.append(BlockStreamer(layers, device))
+            for s in self.streamers:
+                s.drop_all()
+            # Everything outside the streamed blocks is small (embedders, final layer, the VAE) and moves whole.
+            te_rest = StorageSet(_rest_of(z.text_encoder, list(layers.values())), pin)
+            tr_rest = StorageSet(_rest_of(z.transformer, list(blocks.values())), pin)
+            te_hook = ComponentHook(te_rest, device)
+            tr_hook = ComponentHook(tr_rest, device, te_hook)
+            vae_hook = ComponentHook(StorageSet(module_tensors(z.vae), pin), device, tr_hook)
+            for name, model, hook in (("text_encoder", z.text_encoder, te_hook), ("transformer", z.transformer, tr_hook),
+                                      ("vae", z.vae, vae_hook)):
+                add_hook_to_module(model, hook)
+                hook.offload()
+                self.hooks[name] = hook
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def before(self, component: str) -> None:
+        """Bring a component in where no forward call does it (the fast path calls the blocks directly)."""
+        hook = self.hooks.get(component)
+        if hook is not None:
+            hook.pre_forward(getattr(self.zimage, component))
+
+    def finish(self) -> None:
+        """After a generation: everything back to the CPU (the next run starts with the text encoder)."""
+        for hook in self.hooks.values():
+            hook.offload()
+        for s in self.streamers:
+            s.drop_all()
+
+    def reset(self) -> None:
+        z = self.zimage
+        for name, hook in self.hooks.items():
+            model = getattr(z, name)
+            remove_hook_from_module(model)
+            hook.storage.load(z.device)  # back on the device as in mode none
+        for s in self.streamers:
+            s.remove()
+            for st in s.sets.values():
+                st.load(z.device)
+        z.denoiser.streamer = None
+        self.hooks.clear()
+        self.streamers.clear()
+        self.mode = "none"
