@@ -180,6 +180,7 @@ class ZImage:
         return sampler.sample(self.denoiser, cap_feats, **kwargs)
 
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.offloader.before("vae")  # the exact tiled decode calls the decoder's parts, not vae.decode
         return vae_ops.decode(self.vae, latents, guard=self.guard, device=self.device, **kwargs)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
