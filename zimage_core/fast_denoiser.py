@@ -72,9 +72,12 @@ class BlockWeights:
 
 
 def fuse_block(block) -> BlockWeights:
-    if "_zimage_fused" in block.__dict__:
-        return block._zimage_fused
+    """Fused weights of a block, made once; made again if the module's weights were replaced since
+    (e.g. ``model.to(torch.float16)`` gives every parameter a new tensor)."""
     attn, ffn = block.attention, block.feed_forward
+    cached = block.__dict__.get("_zimage_fused")
+    if cached is not None and cached.qkv[0].untyped_storage().data_ptr() == attn.to_q.weight.untyped_storage().data_ptr():
+        return cached
     dtype = block.attention_norm1.weight.dtype
     qkv = _fuse([attn.to_q, attn.to_k, attn.to_v], dtype)
     w13 = _fuse([ffn.w1, ffn.w3], dtype)
