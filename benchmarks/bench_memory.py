@@ -36,6 +36,10 @@ from zimage_core.loading import load_transformer
 from diffusers import ZImageTransformer2DModel
 import diffusers.loaders.single_file_utils
 def rss_mib():
+    # peak resident set (VmHWM): ru_maxrss read 0 in the GPU machine's VM
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if sys.argv[2] == "cuda":
     torch.zeros(1, device="cuda")
@@ -63,9 +67,16 @@ def drop_page_cache() -> bool:
         return False
 
 
+def unfuse(model):
+    """Forget the fast path's fused weights (plain tensors that ``Module.to`` would not move)."""
+    for m in model.modules():
+        m.__dict__.pop("_zimage_fused", None)
+    return model
+
+
 def to_fp8(transformer, work_device):
     """A copy with e4m3 row-scaled block linears, quantized on ``work_device`` one layer at a time."""
-    q = copy.deepcopy(transformer)
+    q = unfuse(copy.deepcopy(transformer))
     for name, module in list(q.named_modules()):
         if isinstance(module, torch.nn.Linear) and name.endswith(TRANSFORMER_FP8_LINEARS) and (
                 name.startswith("layers.") or "refiner." in name):
@@ -115,7 +126,7 @@ def main():
         results["peak_vram_gib_none_bf16"] = peak_gib(e2e(z))
         q = to_fp8(transformer, device)
         del z
-        transformer, te, vae, q = (m.to("cpu") for m in (transformer, te, vae, q))
+        transformer, te, vae, q = (unfuse(m).to("cpu") for m in (transformer, te, vae, q))
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
         results.note("gpu_allocated_before_offload_gib", torch.cuda.memory_allocated() / GIB if device.type == "cuda" else 0)
@@ -131,7 +142,7 @@ def main():
                                                      / results.data["metrics"]["time_offload_none_s"])
             z.set_offload("none")
             for m in (model, te, vae):
-                m.to("cpu")
+                unfuse(m).to("cpu")
             del z
             gc.collect()
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -143,7 +154,7 @@ def main():
 
         work = Path(args.workdir or tempfile.mkdtemp())
         work.mkdir(parents=True, exist_ok=True)
-        model = transformer.to("cpu")
+        model = unfuse(transformer).to("cpu")
         single = work / "z_image_turbo_bf16.safetensors"
         start = time.perf_counter()
         save_file(transformer_to_original(model.state_dict()), str(single))

@@ -105,8 +105,9 @@ def main():
     def speed(results):
         results["diffusers_steps8_bf16_s"], _ = timed(diffusers_steps, repeat=R)
         state["ref"] = diffusers_steps()
-        variants = [("eager_auto", SpeedOptions()), ("eager_cudnn", SpeedOptions(attention="cudnn")),
-                    ("eager_flash", SpeedOptions(attention="flash"))]
+        variants = [("eager_auto", SpeedOptions(cuda_graph=False)),
+                    ("eager_cudnn", SpeedOptions(attention="cudnn", cuda_graph=False)),
+                    ("eager_graph_cudnn", SpeedOptions(attention="cudnn", cuda_graph=True))]
         best = {}
         for name, opts in variants:
             zimage.set_speed(opts)
@@ -115,25 +116,27 @@ def main():
                 best[name] = results.data["metrics"][f"ours_steps8_bf16_{name}_s"]
             except Exception as err:
                 results.note(f"ours_steps8_bf16_{name}_error", repr(err)[:500])
-        attention = min(best, key=best.get).split("_")[1] if best else "auto"
-        zimage.set_speed(SpeedOptions(compile=True, attention=attention))
+        attention = "cudnn" if best.get("eager_cudnn", 9) <= best.get("eager_auto", 9) else "auto"
+        zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=False))
         start = time.perf_counter()
         ours_steps()
         sync()
         results["compile_first_run_s"] = time.perf_counter() - start
         results[f"ours_steps8_bf16_compiled_{attention}_s"], _ = timed(ours_steps, repeat=R)
-        other = "cudnn" if attention != "cudnn" else "flash"
-        zimage.set_speed(SpeedOptions(compile=True, attention=other))
+        zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=True))
         try:
-            results[f"ours_steps8_bf16_compiled_{other}_s"], _ = timed(ours_steps, warmup=2, repeat=R)
+            results[f"ours_steps8_bf16_compiled_graph_{attention}_s"], _ = timed(ours_steps, warmup=2, repeat=R)
+            state["prompt2"] = True
+            zimage.sample(zimage.encode_prompt("a different prompt, so a new caption stream of another length"),
+                          **gen_kw)  # a new prompt: tables and graphs must follow
         except Exception as err:
-            results.note(f"compiled_{other}_error", repr(err)[:500])
+            results.note("compiled_graph_error", repr(err)[:500])
         times = {k: v for k, v in results.data["metrics"].items() if k.startswith("ours_steps8_bf16_")}
         best_name = min(times, key=times.get)
         results["ours_steps8_bf16_s"] = times[best_name]
         results.note("ours_steps8_bf16_best", best_name)
         results["ours_steps8_bf16_tflops"] = 8 * STEP_FLOP_1024 / times[best_name] / 1e12 * (size / 1024) ** 2
-        state["best_opts"] = SpeedOptions(compile="compiled" in best_name,
+        state["best_opts"] = SpeedOptions(compile="compiled" in best_name, cuda_graph="graph" in best_name,
                                           attention=best_name.split("_")[-2])
         zimage.set_speed(state["best_opts"])
         ours = ours_steps()
@@ -151,6 +154,14 @@ def main():
             return zimage.encode_prompt(prompt)
 
         results["ours_text_encode_s"], _ = timed(encode, warmup=2, repeat=5)
+        graphs, zimage.prompt_encoder.graphs = zimage.prompt_encoder.graphs, None
+        results["ours_text_encode_eager_s"], _ = timed(encode, warmup=1, repeat=5)
+        zimage.prompt_encoder.graphs = graphs
+        with torch.no_grad():
+            ids = torch.tensor([tokenizer(prompt)])
+            eager = zimage.prompt_encoder._run(ids.to(device))
+            graphed = zimage.prompt_encoder.forward(ids)
+        results["text_encode_graph_vs_eager_rel_l2"] = rel_l2(graphed, eager)
         results["diffusers_text_encode_s"], _ = timed(
             lambda: pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False), warmup=2, repeat=5)
         lat = state.get("ref") if state.get("ref") is not None else diffusers_steps()
@@ -163,14 +174,12 @@ def main():
                 return vae.decode(z).sample
 
         results["diffusers_vae_decode_1024_s"], _ = timed(diffusers_decode, warmup=2, repeat=5)
-        torch.backends.cudnn.benchmark = True
-        results["ours_vae_decode_1024_cudnn_benchmark_s"], _ = timed(lambda: zimage.decode(lat, tiled=False), warmup=2,
-                                                                     repeat=5)
-        vae.to(memory_format=torch.channels_last)
-        results["ours_vae_decode_1024_channels_last_s"], _ = timed(lambda: zimage.decode(lat, tiled=False), warmup=2,
-                                                                   repeat=5)
-        vae.to(memory_format=torch.contiguous_format)
-        torch.backends.cudnn.benchmark = False
+        for tile, overlap in ((size, 0), (512, 0), (512, 64)):
+            run = lambda: zimage.decode(lat, tiled=True, tile_size=tile, overlap=overlap)  # noqa: E731
+            results[f"ours_vae_decode_1024_exact_tiles_{tile}_{overlap}_s"], _ = timed(run, warmup=2, repeat=5)
+        plain = zimage.decode(lat, tiled=False)
+        results["vae_exact_tiles_vs_plain_max_abs"] = (zimage.decode(lat, tiled=True, tile_size=size, overlap=0)
+                                                       - plain).abs().max().item()
 
         def ours_e2e():
             zimage.prompt_encoder.clear_cache()
@@ -199,6 +208,7 @@ def main():
         z16.set_speed(opts)
         plain = lambda: z16.sample(emb16, **gen_kw)  # noqa: E731
         results["ours_steps8_fp16_s"], _ = timed(plain, warmup=2, repeat=R)
+        _profile(results, "ours_fp16_step", lambda: ours_steps_one(z16, emb16, size))
         lat16 = plain()
         results["ours_fp16_latents_finite"] = bool(torch.isfinite(lat16).all())
         if state.get("ref") is not None:
@@ -286,9 +296,12 @@ def main():
 
 
 def ours_steps_one(zimage, emb, size):
+    """One step's kernels, launched eagerly (with graphs the profile would show one replay)."""
     ctx = zimage.denoiser.prepare(emb)
     lat = torch.randn(1, 16, size // 8, size // 8, device=zimage.device)
-    return zimage.denoiser(ctx, lat, torch.tensor([0.5], device=zimage.device))
+    t = torch.tensor([0.5], device=zimage.device)
+    zimage.denoiser._tables(ctx, 1, size // 8, size // 8)
+    return zimage.denoiser._forward(ctx, lat, t)
 
 
 def diffusers_one(pipe, emb, size):

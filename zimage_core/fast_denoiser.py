@@ -8,7 +8,8 @@ What it changes, each measured in ``benchmarks/bench_speed.py``:
   and goes through ``view_as_complex`` every block of every step).
 - Everything the step does not change (positions, masks, caption stream) is prepared once.
 - Optionally the block function is compiled with ``torch.compile`` (one graph for all blocks, sequence
-  length dynamic so a new prompt length does not recompile), and the attention kernel can be chosen.
+  length dynamic so a new prompt length does not recompile), the attention kernel can be chosen, and
+  whole steps replay as CUDA graphs (``cuda_graphs.py``).
 - fp8 weights (``FP8Linear``) multiply in fp8 with row-wise scales where the GPU has fp8 tensor cores.
 
 Blocks the precision guard runs in higher precision, every block while the guard probes, and every block
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
+from .cuda_graphs import StepGraphs
 from .fp8 import FP8Linear, quantize_activation_rowwise
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
@@ -169,7 +171,7 @@ class FastDenoiser(Denoiser):
     """``Denoiser`` with fused weights, real-arithmetic RoPE, optional compile, attention and fp8 choices."""
 
     def __init__(self, transformer, device=None, *, compile: bool = False, attention: str = "auto",
-                 fp8_matmul: bool = False):
+                 fp8_matmul: bool = False, cuda_graph: bool = False):
         super().__init__(transformer, device)
         if attention not in ATTENTION_BACKENDS:
             from .errors import ZImageError
@@ -187,6 +189,7 @@ class FastDenoiser(Denoiser):
         self.fp8_matmul = fp8_matmul
         self.compiled = compile
         self._block = torch.compile(block_forward, fullgraph=True, dynamic=None) if compile else block_forward
+        self.graphs = StepGraphs(self) if cuda_graph and self.device.type == "cuda" else None
 
     def _sdpa_context(self):
         if self.attention in ("auto", "sdpa"):
@@ -240,12 +243,23 @@ class FastDenoiser(Denoiser):
             return out
         return self._block(x, mask, cos, sin, adaln, weights, self.heads, self.eps, self.fp8_matmul)
 
+    def _graphs_usable(self) -> bool:
+        return (self.graphs is not None and self.streamer is None and not hasattr(self.transformer, "_hf_hook")
+                and not (self.guard is not None and (self.guard.probing or self.guard.policy == "clamp")))
+
     @torch.no_grad()
     def forward(self, ctx: FastContext, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        t = self.transformer
-        batch, channels, h, w = latents.shape
+        batch, _, h, w = latents.shape
         if ctx.grid != (batch, h, w):
             self._tables(ctx, batch, h, w)
+        latents, timestep = latents.to(self.device), timestep.to(self.device)
+        if self._graphs_usable():
+            return self.graphs(ctx, latents, timestep)
+        return self._forward(ctx, latents, timestep)
+
+    def _forward(self, ctx: FastContext, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        batch, channels, h, w = latents.shape
         x = latents.to(device=self.device, dtype=self.dtype)
         adaln = t.t_embedder(timestep.to(self.device) * t.t_scale).type_as(x)
         hp, wp = h // PATCH, w // PATCH

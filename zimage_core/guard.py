@@ -208,7 +208,9 @@ class PrecisionGuard:
         clone = self._high_precision_copy(module, dtype)
         out = clone(*_cast(args, dtype), **_cast(kwargs, dtype))
         back = _cast(out, out_dtype)
-        if _finite(out) and not _finite(back):
+        # Checked only while probing: outside, a check here would be a host sync per block (and would break
+        # CUDA-graph capture); an overflow on the way back shows in the step's output and starts a probe.
+        if self.probing and _finite(out) and not _finite(back):
             raise ZImageError(
                 f"{self.component or 'model'} block {module._zimage_guard[1]} produces values beyond fp16's range "
                 f"(65504) even in {dtype_name(dtype)}: fp16 can't hold this model's activations here. "

@@ -68,9 +68,13 @@ class StorageSet:
         return sum(m.nbytes() for m in self.masters.values())
 
     def _set(self, storages: dict[int, torch.UntypedStorage]) -> None:
+        # ``.data =`` may change device (``set_`` may not, since torch 2.11); the new tensor is a view of the
+        # shared storage, so tensors that shared one before still do.
         with torch.no_grad():
             for t, master in self._views:
-                t.set_(storages[id(master)], t.storage_offset(), t.size(), t.stride())
+                storage = storages[id(master)]
+                t.data = torch.empty(0, dtype=t.dtype, device=storage.device).set_(
+                    storage, t.storage_offset(), t.size(), t.stride())
 
     def load(self, device: torch.device, stream: torch.cuda.Stream | None = None,
              consumer: torch.cuda.Stream | None = None) -> None:

@@ -54,6 +54,7 @@ class SpeedOptions:
     compile: bool = False  # torch.compile of the block function (first run pays the compile)
     attention: str = "auto"  # auto | sdpa | cudnn | flash | efficient | math
     fp8_matmul: bool | str = "auto"  # fp8 tensor-core matmuls for fp8-stored weights where the GPU has them
+    cuda_graph: bool = True  # replay whole steps as CUDA graphs (CUDA only; off under offload)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class ZImage:
             if fp8 == "auto":
                 fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
             denoiser = FastDenoiser(self.transformer, self.device, compile=speed.compile, attention=speed.attention,
-                                    fp8_matmul=bool(fp8))
+                                    fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph)
         denoiser.guard = self.guard
         mode = self.offloader.mode
         if mode == "sequential":

@@ -1,7 +1,8 @@
 """Prompt encoding: the output of Qwen3's second-to-last layer, one ``[L, hidden]`` tensor per prompt.
 
 Each prompt is encoded alone, without padding: attention is causal, so this equals the reference's
-padded batch with its pad positions dropped. Results are cached per (prompt, encoder).
+padded batch with its pad positions dropped. Results are cached per (prompt, encoder). On CUDA the
+encoder replays a CUDA graph per length bucket (``cuda_graphs.EncoderGraphs``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections import OrderedDict
 
 import torch
 
+from .cuda_graphs import EncoderGraphs
 from .tokenizer import PromptTokenizer
 
 
@@ -24,6 +26,7 @@ class PromptEncoder:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.guard = None  # set by the precision guard
+        self.graphs = EncoderGraphs() if self.device.type == "cuda" else None
 
     @property
     def device(self) -> torch.device:
@@ -46,8 +49,16 @@ class PromptEncoder:
         return embedding
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.text_encoder(input_ids=ids.to(self.device), use_cache=False)
-        return out.last_hidden_state[0]
+        ids = ids.to(self.device)
+        if self.graphs is not None and not hasattr(self.text_encoder, "_hf_hook") and not (
+                self.guard is not None and (self.guard.probing or self.guard.policy == "clamp")):
+            out = self.graphs(self.text_encoder, ids, self._run)
+            if out is not None:
+                return out
+        return self._run(ids)[:ids.shape[1]]
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=ids, use_cache=False).last_hidden_state[0]
 
     def encode(self, prompts: list[str] | str) -> list[torch.Tensor]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -84,7 +84,7 @@ def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size:
         run = partial(_plain_decode, vae)
     image = guard.guarded_call("vae", run, z) if guard is not None else run(z)
     image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return image.permute(0, 2, 3, 1).cpu().contiguous()
+    return image.permute(0, 2, 3, 1).contiguous().cpu()  # the layout change on the device, not the CPU
 
 
 @torch.no_grad()
