@@ -1,0 +1,124 @@
+"""The node pack's files, without ComfyUI: the entry point, the example workflows, the UI->API converter."""
+
+import importlib.util
+import inspect
+import json
+import re
+
+import pytest
+
+from comfy_harness import REPO, WORKFLOWS, ui_to_api, widget_slots
+
+WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
+LOADERS = {"ZTurboLoader", "CLIPLoader", "VAELoader", "UNETLoader"}
+MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae"}
+
+
+def test_root_init_is_a_lazy_v3_entry_point():
+    """Importing the repository root (as ComfyUI and pytest do) must not need ComfyUI."""
+    spec = importlib.util.spec_from_file_location("zturbo_pack_under_test", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert inspect.iscoroutinefunction(module.comfy_entrypoint)
+    assert not hasattr(module, "NODE_CLASS_MAPPINGS")  # ComfyUI would take it for a V1 pack
+    assert importlib.util.find_spec("comfy_api") is None  # ...and that import worked without ComfyUI around
+
+
+def test_core_never_imports_comfyui():
+    pattern = re.compile(r"^\s*(import|from)\s+(comfy\w*|folder_paths|nodes|execution|server)\b", re.M)
+    offenders = [p.name for p in (REPO / "zimage_core").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_five_example_workflows():
+    assert [p.stem for p in WORKFLOW_FILES] == ["01_text_to_image", "02_native_clip_and_vae_interop",
+                                                "03_fp16_precision_guard", "04_2048px_tiled_decode", "05_img2img"]
+    readme = (REPO / "nodes" / "README_nodes.md").read_text()
+    assert all(f"`{p.stem}`" in readme for p in WORKFLOW_FILES)
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_workflow_is_consistent_ui_json(path):
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    assert wf["version"] == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] == max(nodes)
+    assert wf["last_link_id"] == max(link[0] for link in wf["links"])
+    notes = [n for n in wf["nodes"] if n["type"] in ("MarkdownNote", "Note")]
+    assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 200  # a note that explains the workflow
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        out, inp = nodes[src]["outputs"][src_slot], nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert out["type"] == kind and inp["type"] in (kind, "*")
+    for node in wf["nodes"]:
+        for slot in node.get("inputs", []):
+            assert slot["link"] is None or any(link[0] == slot["link"] for link in wf["links"])
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_loaders_carry_model_download_info(path):
+    """ComfyUI's frontend offers a model for download when a node's properties.models has it as {name, url,
+    directory}, the url is on huggingface.co, the name ends in .safetensors and the name is one of the node's
+    widget values (frontend 1.32: getSelectedModelsMetadata, MissingModelsWarning)."""
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    loaders = [n for n in wf["nodes"] if n["type"] in LOADERS]
+    assert any(n["type"] == "ZTurboLoader" for n in loaders)
+    for node in loaders:
+        models = node["properties"]["models"]
+        assert models
+        for model in models:
+            assert set(model) == {"name", "url", "directory"}
+            assert model["name"].endswith(".safetensors") and model["name"] in node["widgets_values"]
+            assert re.match(r"https://huggingface\.co/(Comfy-Org|Tongyi-MAI)/", model["url"])
+            assert model["url"].endswith("/" + model["name"]) and "/resolve/main/" in model["url"]
+            assert model["directory"] in MODEL_DIRECTORIES
+            assert f"/split_files/{model['directory']}/" in model["url"]
+        names = {m["name"] for m in models}
+        assert {v for v in node["widgets_values"] if str(v).endswith(".safetensors")} <= names
+
+
+# ---------------------------------------------------------------------------------------- converter
+TYPES = {
+    "Sampler": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],
+                             "steps": ["INT", {"default": 8}], "name": [["a", "b"], {}]},
+                "optional": {"latent": ["LATENT", {}], "mode": ["COMBO", {"options": ["x", "y"]}],
+                             "hidden_int": ["INT", {"forceInput": True}]}},
+    "Load": {"required": {"image": [["cat.png"], {"image_upload": True}], "noise_seed": ["INT", {}]}},
+    "Model": {"required": {}},
+}
+
+
+def workflow(nodes, links):
+    return {"nodes": nodes, "links": links}
+
+
+def test_converter_maps_widgets_in_order_with_control_values():
+    wf = workflow([
+        {"id": 1, "type": "Model", "mode": 0, "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}]},
+        {"id": 2, "type": "Sampler", "mode": 0, "inputs": [{"name": "model", "type": "MODEL", "link": 1}],
+         "widgets_values": [5, "randomize", 8, "b", "y"]},
+        {"id": 3, "type": "Load", "mode": 0, "widgets_values": ["cat.png", "image", 9, "fixed"]},
+        {"id": 4, "type": "MarkdownNote", "mode": 0, "widgets_values": ["notes are frontend-only"]},
+    ], [[1, 1, 0, 2, 0, "MODEL"]])
+    prompt = ui_to_api(wf, TYPES.__getitem__)
+    assert prompt["2"]["inputs"] == {"model": ["1", 0], "seed": 5, "steps": 8, "name": "b", "mode": "y"}
+    assert prompt["3"]["inputs"] == {"image": "cat.png", "noise_seed": 9}
+    assert set(prompt) == {"1", "2", "3"}
+    assert widget_slots(TYPES["Sampler"]) == [("seed", 2), ("steps", 1), ("name", 1), ("mode", 1)]
+
+
+def test_converter_lets_links_replace_widget_values():
+    wf = workflow([
+        {"id": 7, "type": "Model", "mode": 0, "outputs": [{"name": "INT", "type": "INT", "links": [3]}]},
+        {"id": 8, "type": "Sampler", "mode": 0,
+         "inputs": [{"name": "steps", "type": "INT", "link": 3, "widget": {"name": "steps"}}],
+         "widgets_values": [1, "fixed", 8, "a", "x"]},
+    ], [[3, 7, 0, 8, 0, "INT"]])
+    assert ui_to_api(wf, TYPES.__getitem__)["8"]["inputs"]["steps"] == ["7", 0]
+
+
+def test_converter_rejects_a_widget_count_mismatch():
+    wf = workflow([{"id": 1, "type": "Sampler", "mode": 0, "widgets_values": [5, 8, "a", "x"]}], [])
+    with pytest.raises(AssertionError, match="widget values"):
+        ui_to_api(wf, TYPES.__getitem__)
