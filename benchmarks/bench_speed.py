@@ -117,27 +117,33 @@ def main():
             except Exception as err:
                 results.note(f"ours_steps8_bf16_{name}_error", repr(err)[:500])
         attention = "cudnn" if best.get("eager_cudnn", 9) <= best.get("eager_auto", 9) else "auto"
-        zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=False))
+        zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=False, fuse_ffn=True))
         start = time.perf_counter()
         ours_steps()
         sync()
         results["compile_first_run_s"] = time.perf_counter() - start
-        results[f"ours_steps8_bf16_compiled_{attention}_s"], _ = timed(ours_steps, repeat=R)
+        results[f"ours_steps8_bf16_compiled_fusedffn_{attention}_s"], _ = timed(ours_steps, repeat=R)
+        zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=False))
+        results[f"ours_steps8_bf16_compiled_{attention}_s"], _ = timed(ours_steps, warmup=2, repeat=R)
         zimage.set_speed(SpeedOptions(compile=True, attention=attention, cuda_graph=True))
         try:
             results[f"ours_steps8_bf16_compiled_graph_{attention}_s"], _ = timed(ours_steps, warmup=2, repeat=R)
-            state["prompt2"] = True
             zimage.sample(zimage.encode_prompt("a different prompt, so a new caption stream of another length"),
                           **gen_kw)  # a new prompt: tables and graphs must follow
         except Exception as err:
             results.note("compiled_graph_error", repr(err)[:500])
+        ctx = zimage.denoiser.prepare(emb)
+        lat = torch.randn(1, 16, size // 8, size // 8, device=device)
+        tt = torch.full((1,), 0.5, device=device)
+        results["ours_prepare_s"], _ = timed(lambda: zimage.denoiser.prepare(emb), warmup=1, repeat=5)
+        results["ours_loop8_only_s"], _ = timed(lambda: [zimage.denoiser(ctx, lat, tt) for _ in range(8)], repeat=R)
         times = {k: v for k, v in results.data["metrics"].items() if k.startswith("ours_steps8_bf16_")}
         best_name = min(times, key=times.get)
         results["ours_steps8_bf16_s"] = times[best_name]
         results.note("ours_steps8_bf16_best", best_name)
         results["ours_steps8_bf16_tflops"] = 8 * STEP_FLOP_1024 / times[best_name] / 1e12 * (size / 1024) ** 2
         state["best_opts"] = SpeedOptions(compile="compiled" in best_name, cuda_graph="graph" in best_name,
-                                          attention=best_name.split("_")[-2])
+                                          attention=best_name.split("_")[-2], fuse_ffn="fusedffn" in best_name)
         zimage.set_speed(state["best_opts"])
         ours = ours_steps()
         results["latents_rel_l2_bf16_vs_diffusers"] = rel_l2(ours, state["ref"])
@@ -161,7 +167,13 @@ def main():
             ids = torch.tensor([tokenizer(prompt)])
             eager = zimage.prompt_encoder._run(ids.to(device))
             graphed = zimage.prompt_encoder.forward(ids)
+            bucket = -(-ids.shape[1] // 64) * 64
+            padded = torch.full((1, bucket), 151643, dtype=torch.long)
+            padded[:, :ids.shape[1]] = ids
+            eager_padded = zimage.prompt_encoder._run(padded.to(device))[:ids.shape[1]]
         results["text_encode_graph_vs_eager_rel_l2"] = rel_l2(graphed, eager)
+        results["text_encode_graph_vs_eager_same_padding_rel_l2"] = rel_l2(graphed, eager_padded)
+        results["text_encode_eager_padded_vs_unpadded_rel_l2"] = rel_l2(eager_padded, eager)
         results["diffusers_text_encode_s"], _ = timed(
             lambda: pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False), warmup=2, repeat=5)
         lat = state.get("ref") if state.get("ref") is not None else diffusers_steps()
@@ -177,9 +189,10 @@ def main():
         for tile, overlap in ((size, 0), (512, 0), (512, 64)):
             run = lambda: zimage.decode(lat, tiled=True, tile_size=tile, overlap=overlap)  # noqa: E731
             results[f"ours_vae_decode_1024_exact_tiles_{tile}_{overlap}_s"], _ = timed(run, warmup=2, repeat=5)
-        plain = zimage.decode(lat, tiled=False)
-        results["vae_exact_tiles_vs_plain_max_abs"] = (zimage.decode(lat, tiled=True, tile_size=size, overlap=0)
-                                                       - plain).abs().max().item()
+        ours_img = zimage.decode(lat, tiled=False)
+        plain = (diffusers_decode().float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        results["vae_decode_ours_vs_diffusers_max_abs"] = (ours_img - plain).abs().max().item()
+        results["vae_decode_ours_vs_diffusers_mean_abs"] = (ours_img - plain).abs().mean().item()
 
         def ours_e2e():
             zimage.prompt_encoder.clear_cache()

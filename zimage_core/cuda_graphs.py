@@ -52,8 +52,7 @@ class StepGraphs:
 
     def _key(self, ctx, latents: torch.Tensor) -> tuple:
         d = self.denoiser
-        weights = tuple(t.data_ptr() for w in d.weights.values() for group in w if group is not None
-                        for t in (group if isinstance(group, tuple) else (group,)) if torch.is_tensor(t))
+        weights = tuple(t.data_ptr() for t in _tensors(d.weights))
         sticky = frozenset(n for n, b in d.blocks.items() if "_zimage_hp_dtype" in b.__dict__)
         return (tuple(latents.shape), latents.dtype, tuple(ctx.cap_stream.shape), tuple(ctx.cap_seqlens),
                 d.transformer.x_pad_token.data_ptr(), weights, sticky)
@@ -87,6 +86,18 @@ class StepGraphs:
         g.timestep.copy_(timestep)
         g.graph.replay()
         return g.out.clone()
+
+
+def _tensors(tree):
+    """Every tensor in nested tuples/lists/dicts."""
+    if torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _tensors(v)
 
 
 def _copy_context(source, target) -> None:

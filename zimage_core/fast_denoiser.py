@@ -68,9 +68,14 @@ class BlockWeights:
     out: tuple
     w13: tuple
     w2: tuple
+    w1: tuple
+    w3: tuple
 
-    def tensors(self) -> tuple:
-        return (self.modulation, self.norms, self.qkv, self.out, self.w13, self.w2)
+    def tensors(self, fuse_ffn: bool = True) -> tuple:
+        """What ``block_forward`` takes. With ``fuse_ffn=False`` w1 and w3 run as two matrix multiplies
+        (views of the same fused weight): on an H100 two N=10240 GEMMs beat one N=20480 GEMM."""
+        ffn = self.w13 if fuse_ffn else (self.w1, self.w3)
+        return (self.modulation, self.norms, self.qkv, self.out, ffn, self.w2)
 
 
 def fuse_block(block) -> BlockWeights:
@@ -91,6 +96,8 @@ def fuse_block(block) -> BlockWeights:
         out=_lin(attn.to_out[0]),
         w13=(w13[0], w13[1], None),
         w2=_lin(ffn.w2),
+        w1=_lin(ffn.w1),
+        w3=_lin(ffn.w3),
     )
     block._zimage_fused = weights
     return weights
@@ -146,7 +153,10 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: tuple, heads: int, eps
     x = x + gate_msa * o if modulation is not None else x + o
     h = _rms(x, n_ffn1, eps)
     h = h * scale_mlp if modulation is not None else h
-    g1, g3 = _linear(h, w13_w, fp8_matmul).chunk(2, dim=-1)
+    if isinstance(w13_w[0], tuple):  # separate w1, w3
+        g1, g3 = _linear(h, w13_w[0], fp8_matmul), _linear(h, w13_w[1], fp8_matmul)
+    else:
+        g1, g3 = _linear(h, w13_w, fp8_matmul).chunk(2, dim=-1)
     f = _rms(_linear(F.silu(g1) * g3, w2_w, fp8_matmul), n_ffn2, eps)
     return x + gate_mlp * f if modulation is not None else x + f
 
@@ -171,7 +181,7 @@ class FastDenoiser(Denoiser):
     """``Denoiser`` with fused weights, real-arithmetic RoPE, optional compile, attention and fp8 choices."""
 
     def __init__(self, transformer, device=None, *, compile: bool = False, attention: str = "auto",
-                 fp8_matmul: bool = False, cuda_graph: bool = False):
+                 fp8_matmul: bool = False, cuda_graph: bool = False, fuse_ffn: bool = True):
         super().__init__(transformer, device)
         if attention not in ATTENTION_BACKENDS:
             from .errors import ZImageError
@@ -181,8 +191,7 @@ class FastDenoiser(Denoiser):
         self.blocks = {name: t.get_submodule(name) for name in
                        [f"noise_refiner.{i}" for i in range(len(t.noise_refiner))]
                        + [f"layers.{i}" for i in range(len(t.layers))]}
-        self.weights = {name: fuse_block(b).tensors() for name, b in self.blocks.items()}
-        self.cap_weights = [fuse_block(b).tensors() for b in t.context_refiner]
+        self.weights = {name: fuse_block(b).tensors(fuse_ffn) for name, b in self.blocks.items()}
         self.heads = t.layers[0].attention.heads
         self.eps = t.layers[0].attention_norm1.eps
         self.attention = attention

@@ -55,6 +55,7 @@ class SpeedOptions:
     attention: str = "auto"  # auto | sdpa | cudnn | flash | efficient | math
     fp8_matmul: bool | str = "auto"  # fp8 tensor-core matmuls for fp8-stored weights where the GPU has them
     cuda_graph: bool = True  # replay whole steps as CUDA graphs (CUDA only; off under offload)
+    fuse_ffn: bool = False  # one w1|w3 matmul instead of two (slower on an H100: see the README)
 
 
 @dataclass
@@ -144,7 +145,7 @@ class ZImage:
             if fp8 == "auto":
                 fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
             denoiser = FastDenoiser(self.transformer, self.device, compile=speed.compile, attention=speed.attention,
-                                    fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph)
+                                    fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph, fuse_ffn=speed.fuse_ffn)
         denoiser.guard = self.guard
         mode = self.offloader.mode
         if mode == "sequential":

@@ -80,6 +80,13 @@ def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size:
 
         check_tiling(tile_size, overlap)
         run = partial(decode_tiled, vae, tile_size=tile_size, overlap=overlap)
+    elif device.type == "cuda" and guard is None:
+        # The exact tiled decoder with one tile is the same decode, faster on CUDA (its GroupNorm runs as
+        # batch_norm on folded channels): 60 ms against 93 ms at 1024x1024 on an H100. The precision guard
+        # watches diffusers' decoder blocks, so guarded decodes take the plain path.
+        from .vae_tiling import decode_tiled
+
+        run = partial(decode_tiled, vae, tile_size=max(z.shape[2], z.shape[3]) * 8, overlap=0)
     else:
         run = partial(_plain_decode, vae)
     image = guard.guarded_call("vae", run, z) if guard is not None else run(z)
