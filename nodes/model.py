@@ -20,12 +20,6 @@ ZTurboModel = io.Custom("ZTURBO_MODEL")
 MODEL_TOOLTIP = "The Z-Image Turbo model from the Z-Image Turbo Loader (or the Precision Guard node)."
 
 
-def default_guard_policy(zimage: ZImage) -> str:
-    """What ``ZImage.set_precision_guard(None)`` picks: auto when any component computes in fp16, else off."""
-    fp16 = any(zimage.policy.for_component(c).compute == torch.float16 for c in ("transformer", "text_encoder", "vae"))
-    return "auto" if fp16 else "off"
-
-
 @dataclass(frozen=True)
 class ModelHandle:
     zimage: ZImage
@@ -37,7 +31,7 @@ class ModelHandle:
     def ready(self, guard_override: str | None = None) -> ZImage:
         """The model with this handle's precision-guard policy (or ``guard_override``) attached."""
         zimage = self.zimage
-        policy = guard_override or self.guard or default_guard_policy(zimage)
+        policy = guard_override or self.guard or zimage.default_guard_policy()
         current = zimage.guard.policy if zimage.guard is not None else "off"
         if policy != current:
             zimage.set_precision_guard(policy)

@@ -96,3 +96,23 @@ def test_switching_modes_reloads_nothing(offloadable):
     assert all(p is before[n] for n, p in z.transformer.named_parameters())  # same tensor objects
     with pytest.raises(ZImageError, match="offload 'disk' is unknown: use one of none, model, sequential"):
         z.set_offload("disk")
+
+
+def test_loading_again_reuses_what_did_not_change(tiny_dir):
+    from zimage_core.loading import clear_cache
+
+    clear_cache()
+    a = ZImage.load(tiny_dir, device="cpu", dtype="fp32", reuse=True)
+    b = ZImage.load(tiny_dir, device="cpu", dtype="fp32", offload="model", reuse=True)  # nothing re-read
+    assert b.transformer is a.transformer and b.text_encoder is a.text_encoder and b.vae is a.vae
+    assert a.offloader.hooks == {} and b.offloader.mode == "model"  # the old owner let go of its hooks
+    c = ZImage.load(tiny_dir, device="cpu", dtype="fp32", overrides={"transformer": ("fp8", None)}, reuse=True)
+    assert c.transformer is not b.transformer and c.text_encoder is b.text_encoder and c.vae is b.vae
+    assert c.offloader.mode == "none" and not hasattr(c.text_encoder, "_hf_hook")
+    expected = ZImage.load(tiny_dir, device="cpu", dtype="fp32", reuse=False)
+    assert expected.text_encoder is not c.text_encoder
+    got = c.generate("reuse", seed=1, width=64, height=64, decode=False).latents
+    ref = ZImage.load(tiny_dir, device="cpu", dtype="fp32", storage=None, overrides={"transformer": ("fp8", None)},
+                      reuse=False).generate("reuse", seed=1, width=64, height=64, decode=False).latents
+    assert torch.equal(got, ref)
+    clear_cache()

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,38 @@ TRANSFORMER_FP8_LINEARS = ("attention.to_q", "attention.to_k", "attention.to_v",
                            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 TEXT_ENCODER_FP8_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# component -> (key, weak reference to the model): the last one loaded. Weak, so that a model nobody uses
+# any more (ComfyUI dropped the loader's output) is freed rather than kept alive by this cache.
+_CACHE: dict[str, tuple[tuple, weakref.ref]] = {}
+
+
+def _source_key(source) -> tuple:
+    path = Path(source)
+    files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
+    return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
+
+
+def cached_load(component: str, source, cdtype: ComponentDtype, device, stats: list | None = None):
+    """The last model loaded for ``component`` if it came from the same files with the same dtypes, else a
+    fresh load (wherever the cached one lives now: the caller places it). Changing one component's dtype or
+    the offload mode then reloads only what changed."""
+    key = (_source_key(source), cdtype)
+    hit = _CACHE.get(component)
+    model = hit[1]() if hit is not None and hit[0] == key else None
+    if model is not None:
+        log.info("reusing the loaded %s (%s)", component, cdtype)
+        return model
+    _CACHE.pop(component, None)
+    loader = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}[component]
+    model = loader(source, cdtype, device, stats)
+    _CACHE[component] = (key, weakref.ref(model))
+    return model
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
 
 
 @dataclass

@@ -174,6 +174,21 @@ def _rest_of(module: nn.Module, streamed: list[nn.Module]) -> list[torch.Tensor]
     return [t for t in module_tensors(module) if id(t) not in inside]
 
 
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
+
+
+def place(module: nn.Module, device: torch.device) -> None:
+    """Put every tensor of ``module`` (fused weights included) on ``device``, keeping shared storages shared."""
+    device = torch.device(device)
+    tensors = module_tensors(module)
+    if all(_on(t, device) for t in tensors):
+        return
+    moved = StorageSet(tensors, pin=False)  # points everything at CPU copies first
+    if device.type != "cpu":
+        moved.load(device)
+
+
 class Offloader:
     """The offload state of one ``ZImage``; ``apply`` switches modes without reloading anything."""
 
@@ -234,6 +249,18 @@ class Offloader:
             hook.offload()
         for s in self.streamers:
             s.drop_all()
+
+    def detach(self) -> None:
+        """Remove every hook without moving weights (another ``ZImage`` takes the models over)."""
+        z = self.zimage
+        for name in self.hooks:
+            remove_hook_from_module(getattr(z, name))
+        for s in self.streamers:
+            s.remove()
+        z.denoiser.streamer = None
+        self.hooks.clear()
+        self.streamers.clear()
+        self.mode = "none"
 
     def reset(self) -> None:
         z = self.zimage

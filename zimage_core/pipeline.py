@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from . import loading, sampler, vae as vae_ops
 from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser
 from .fp8 import scaled_mm_available
-from .offload import Offloader
+from .offload import Offloader, place
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
 from .text_encoding import PromptEncoder
@@ -70,14 +71,20 @@ class ZImage:
 
     def __init__(self, transformer, text_encoder, vae, tokenizer: PromptTokenizer, policy: DtypePolicy,
                  device: torch.device, shift: float = DEFAULT_SHIFT, sources: dict | None = None,
-                 speed: SpeedOptions | None = None):
+                 speed: SpeedOptions | None = None, offload: str = "none"):
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.policy, self.device, self.shift = policy, torch.device(device), shift
         self.sources = sources or {}
+        self._adopt(transformer, text_encoder, vae)
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device)
         self.guard = None
         self.offloader = Offloader(self)
+        if offload == "none":  # a model taken over from an offloaded ZImage may sit on the CPU
+            for model in (transformer, text_encoder, vae):
+                place(model, self.device)
         self.set_speed(speed or SpeedOptions())
+        if offload != "none":
+            self.set_offload(offload)
         cap_dim = transformer.config.cap_feat_dim
         if text_encoder.config.hidden_size != cap_dim:
             raise ZImageError(
@@ -101,8 +108,14 @@ class ZImage:
         overrides: dict | None = None,
         speed: SpeedOptions | None = None,
         offload: str = "none",
+        reuse: bool = False,
     ) -> "ZImage":
-        """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part."""
+        """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part.
+
+        With ``reuse`` a component loaded before from the same files with the same dtypes is taken over
+        instead of read again (``loading.cached_load``), so changing one dtype or the offload mode reloads
+        only what changed; the ZImage that had it gives it up. The ComfyUI loader node loads this way.
+        """
         device = torch.device(device) if device else default_device()
         model_dir = Path(model) if model else None
         if model_dir is not None and not (model_dir / "model_index.json").is_file():
@@ -123,17 +136,30 @@ class ZImage:
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
         stats: list = []
         where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
-        models = {
-            "transformer": loading.load_transformer(parts["transformer"], policy.transformer, where, stats),
-            "text_encoder": loading.load_text_encoder(parts["text_encoder"], policy.text_encoder, where, stats),
-            "vae": loading.load_vae(parts["vae"], policy.vae, where, stats),
-        }
+        load = loading.cached_load if reuse else (
+            lambda c, *a: {"transformer": loading.load_transformer, "text_encoder": loading.load_text_encoder,
+                           "vae": loading.load_vae}[c](*a))
+        models = {c: load(c, parts[c], policy.for_component(c), where, stats)
+                  for c in ("transformer", "text_encoder", "vae")}
         sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
-        zimage = cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir),
-                     sources=sources, speed=speed)
-        if offload != "none":
-            zimage.set_offload(offload)
-        return zimage
+        return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir),
+                   sources=sources, speed=speed, offload=offload)
+
+    def _adopt(self, *models) -> None:
+        """Take the models over from a previous ``ZImage`` (a cached load): its hooks go, weights come back."""
+        for model in models:
+            owner = model.__dict__.get("_zimage_owner")
+            previous = owner() if owner is not None else None
+            if previous is not None and previous is not self:
+                previous.release()
+            model._zimage_owner = weakref.ref(self)
+
+    def release(self) -> None:
+        """Give the models up: remove the guard's wrappers and the offload hooks (weights stay where they are)."""
+        if self.guard is not None:
+            self.guard.detach()
+            self.guard = None
+        self.offloader.detach()
 
     def set_speed(self, speed: SpeedOptions) -> None:
         """Choose the transformer path: the reference loop, or the fast one with its options."""
@@ -158,13 +184,16 @@ class ZImage:
         """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
         self.offloader.apply(mode)
 
+    def default_guard_policy(self) -> str:
+        """auto when any component computes in fp16, else off."""
+        fp16 = any(self.policy.for_component(c).compute == torch.float16 for c in ("transformer", "text_encoder", "vae"))
+        return "auto" if fp16 else "off"
+
     def set_precision_guard(self, policy: str | None = None):
         """Attach a precision guard; ``None`` means auto with fp16 compute and off otherwise."""
         from .guard import PrecisionGuard
 
-        if policy is None:
-            fp16 = any(self.policy.for_component(c).compute == torch.float16 for c in ("transformer", "text_encoder", "vae"))
-            policy = "auto" if fp16 else "off"
+        policy = policy or self.default_guard_policy()
         if self.guard is not None:
             self.guard.detach()
         self.guard = self.denoiser.guard = self.prompt_encoder.guard = None
