@@ -34,7 +34,7 @@ def test_core_never_imports_comfyui():
 def test_five_example_workflows():
     assert [p.stem for p in WORKFLOW_FILES] == ["01_text_to_image", "02_native_clip_and_vae_interop",
                                                 "03_fp16_precision_guard", "04_2048px_tiled_decode", "05_img2img"]
-    readme = (REPO / "nodes" / "README_nodes.md").read_text()
+    readme = (REPO / "README.md").read_text()
     assert all(f"`{p.stem}`" in readme for p in WORKFLOW_FILES)
 
 
