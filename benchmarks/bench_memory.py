@@ -8,7 +8,6 @@ host-RAM peak from real-size checkpoint files.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -20,13 +19,11 @@ from pathlib import Path
 
 import torch
 
-from common import GIB, ROOT, Results, build_models, out_dir, peak_gib, prompt_of_tokens, section, sync, timed
+from common import GIB, ROOT, Results, build_models, fp8_copy, out_dir, peak_gib, prompt_of_tokens, section, timed
 
 sys.path.insert(0, str(ROOT / "tests"))
 from zimage_core import ZImage  # noqa: E402
-from zimage_core.dtypes import ComponentDtype, resolve_policy  # noqa: E402
-from zimage_core.fp8 import FP8Linear  # noqa: E402
-from zimage_core.loading import TRANSFORMER_FP8_LINEARS  # noqa: E402
+from zimage_core.dtypes import resolve_policy  # noqa: E402
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer  # noqa: E402
 
 LOAD = """
@@ -74,23 +71,6 @@ def unfuse(model):
     return model
 
 
-def to_fp8(transformer, work_device):
-    """A copy with e4m3 row-scaled block linears, quantized on ``work_device`` one layer at a time."""
-    q = unfuse(copy.deepcopy(transformer))
-    for name, module in list(q.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.endswith(TRANSFORMER_FP8_LINEARS) and (
-                name.startswith("layers.") or "refiner." in name):
-            parent, _, child = name.rpartition(".")
-            layer = FP8Linear.like(module, torch.bfloat16)
-            layer.load_weight(module.weight.data.to(work_device))
-            layer.to(module.weight.device)
-            if module.bias is not None:
-                layer.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
-            setattr(q.get_submodule(parent), child, layer)
-    q.zimage_dtype = ComponentDtype(torch.float8_e4m3fn, torch.bfloat16)
-    return q
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda")
@@ -124,7 +104,7 @@ def main():
         z = ZImage(transformer, te, vae, tok, policy, device)
         results["time_offload_none_s"], _ = timed(e2e(z), repeat=args.repeat)
         results["peak_vram_gib_none_bf16"] = peak_gib(e2e(z))
-        q = to_fp8(transformer, device)
+        q = fp8_copy(transformer, torch.bfloat16, device)
         del z
         transformer, te, vae, q = (unfuse(m).to("cpu") for m in (transformer, te, vae, q))
         gc.collect()

@@ -16,13 +16,10 @@ import time
 
 import torch
 
-from common import GIB, Results, build_models, out_dir, peak_gib, prompt_of_tokens, rel_l2, section, sync, timed
+from common import Results, build_models, fp8_copy, out_dir, peak_gib, prompt_of_tokens, rel_l2, section, sync, timed
 
 from zimage_core import SpeedOptions, ZImage  # noqa: E402
 from zimage_core.dtypes import ComponentDtype, resolve_policy  # noqa: E402
-from zimage_core.fast_denoiser import FastDenoiser  # noqa: E402
-from zimage_core.fp8 import FP8Linear  # noqa: E402
-from zimage_core.loading import TRANSFORMER_FP8_LINEARS  # noqa: E402
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer  # noqa: E402
 
 STEP_FLOP_1024 = 56.5e12  # one transformer call at 1024^2 (facts section 7)
@@ -42,22 +39,6 @@ def make_pipe(transformer, full_te, vae, tokenizer_dir):
                           transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def fp8_copy(transformer, compute_dtype):
-    """The transformer with e4m3 row-scaled weights in its block linears (quantized from these weights)."""
-    import copy
-
-    fp8 = copy.deepcopy(transformer)
-    for name, module in list(fp8.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.endswith(TRANSFORMER_FP8_LINEARS) and (
-                name.startswith("layers.") or "refiner." in name):
-            parent, _, child = name.rpartition(".")
-            q = FP8Linear.like(module, compute_dtype)
-            q.load_weight(module.weight.data)
-            setattr(fp8.get_submodule(parent), child, q)
-    fp8.zimage_dtype = ComponentDtype(torch.float8_e4m3fn, compute_dtype)
-    return fp8
 
 
 def main():

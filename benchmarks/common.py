@@ -87,6 +87,30 @@ def build_models(device, dtype, tiny=False, seed=0):
     return transformer, full, ours, vae
 
 
+def fp8_copy(transformer, compute_dtype=torch.bfloat16, work_device=None):
+    """A copy with e4m3 row-scaled block linears (``loading``'s choice of layers), quantized layer by layer on
+    ``work_device`` (default: where the weights are)."""
+    from zimage_core.dtypes import ComponentDtype
+    from zimage_core.fp8 import FP8Linear
+    from zimage_core.loading import TRANSFORMER_FP8_LINEARS
+
+    q = copy.deepcopy(transformer)
+    for m in q.modules():  # the fast path's fused weights are plain tensors a copy must not keep
+        m.__dict__.pop("_zimage_fused", None)
+    for name, module in list(q.named_modules()):
+        if isinstance(module, nn.Linear) and name.endswith(TRANSFORMER_FP8_LINEARS) and (
+                name.startswith("layers.") or "refiner." in name):
+            parent, _, child = name.rpartition(".")
+            layer = FP8Linear.like(module, compute_dtype)
+            layer.load_weight(module.weight.data.to(work_device or module.weight.device))
+            layer.to(module.weight.device)
+            if module.bias is not None:
+                layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+            setattr(q.get_submodule(parent), child, layer)
+    q.zimage_dtype = ComponentDtype(torch.float8_e4m3fn, compute_dtype)
+    return q
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from zimage_core import ZImage
 
 
 def run_cli(*args, env=None, timeout=300):

@@ -1,6 +1,5 @@
 """The fast transformer path computes the reference's numbers: fused weights, real RoPE, compile."""
 
-import torch
 
 from zimage_core import SpeedOptions, ZImage
 from zimage_core.fast_denoiser import FastDenoiser

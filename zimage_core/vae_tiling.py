@@ -277,11 +277,8 @@ def _whole_stats(x: torch.Tensor, groups: int) -> _GroupStats:
 
 
 # ------------------------------------------------------------------------------------- activation store
-class _DeviceActivation:
-    """A full-size activation kept on the compute device."""
-
-    def __init__(self, data: torch.Tensor, store: _ActivationStore):
-        self.data, self.store = data, store
+class _Activation:
+    data: torch.Tensor
 
     @property
     def shape(self):
@@ -290,6 +287,13 @@ class _DeviceActivation:
     @property
     def dtype(self):
         return self.data.dtype
+
+
+class _DeviceActivation(_Activation):
+    """A full-size activation kept on the compute device."""
+
+    def __init__(self, data: torch.Tensor, store: _ActivationStore):
+        self.data, self.store = data, store
 
     def read(self, window: _Window) -> torch.Tensor:
         return self.data[window.index()]
@@ -305,7 +309,7 @@ class _DeviceActivation:
         self.data = None
 
 
-class _HostActivation:
+class _HostActivation(_Activation):
     """A full-size activation kept in host memory.
 
     The bulk is ordinary (pageable) memory: pinning tens of GiB is slow and can starve the host, and a tile
@@ -319,14 +323,6 @@ class _HostActivation:
         self.device = device
         self.pinned = device.type == "cuda"
         self._pending = None  # (window, pinned staging tensor, event)
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
 
     def read(self, window: _Window) -> torch.Tensor:
         if self._pending is not None and self._pending[0].overlaps(window):
