@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
         zimage = ZImage.load(args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
                              tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, storage=args.storage)
     log.info("dtypes: %s on %s", zimage.policy.describe(), zimage.device)
-    guard = args.precision_guard
-    if guard is not None or zimage.policy.transformer.compute.itemsize == 2:
-        zimage.set_precision_guard(guard)
+    zimage.set_precision_guard(args.precision_guard)  # None: auto with fp16 compute, off otherwise
     init_image = _load_image(args.init_image) if args.init_image else None
     bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, disable=None)
     start = time.perf_counter()
