@@ -116,3 +116,19 @@ def test_loading_again_reuses_what_did_not_change(tiny_dir):
                       reuse=False).generate("reuse", seed=1, width=64, height=64, decode=False).latents
     assert torch.equal(got, ref)
     clear_cache()
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_changing_speed_options_under_offload(tiny_dir, zimage, mode):
+    from zimage_core import SpeedOptions
+
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", offload=mode, speed=SpeedOptions(fast=False))
+    z.set_speed(SpeedOptions())  # fusing now makes new tensors: they must be offloaded with the rest
+    assert z.offloader.mode == mode
+    fused = z.transformer.layers[0]._zimage_fused.qkv[0]
+    moved = (z.offloader.hooks["transformer"].storage.tensors if mode == "model"
+             else z.denoiser.streamer.sets["layers.0"].tensors)
+    assert any(t is fused for t in moved)
+    result = z.generate("speed", seed=3, width=64, height=64)
+    expected = zimage.generate("speed", seed=3, width=64, height=64)
+    assert (result.images - expected.images).abs().max() <= 1e-5

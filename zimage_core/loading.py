@@ -59,10 +59,14 @@ def cached_load(component: str, source, cdtype: ComponentDtype, device, stats: l
         log.info("reusing the loaded %s (%s)", component, cdtype)
         return model
     _CACHE.pop(component, None)
-    loader = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}[component]
-    model = loader(source, cdtype, device, stats)
+    model = load_component(component, source, cdtype, device, stats)
     _CACHE[component] = (key, weakref.ref(model))
     return model
+
+
+def load_component(component: str, source, cdtype: ComponentDtype, device, stats: list | None = None):
+    loader = {"transformer": load_transformer, "text_encoder": load_text_encoder, "vae": load_vae}[component]
+    return loader(source, cdtype, device, stats)
 
 
 def clear_cache() -> None:

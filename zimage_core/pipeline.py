@@ -136,9 +136,7 @@ class ZImage:
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
         stats: list = []
         where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
-        load = loading.cached_load if reuse else (
-            lambda c, *a: {"transformer": loading.load_transformer, "text_encoder": loading.load_text_encoder,
-                           "vae": loading.load_vae}[c](*a))
+        load = loading.cached_load if reuse else loading.load_component
         models = {c: load(c, parts[c], policy.for_component(c), where, stats)
                   for c in ("transformer", "text_encoder", "vae")}
         sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
@@ -173,11 +171,10 @@ class ZImage:
             denoiser = FastDenoiser(self.transformer, self.device, compile=speed.compile, attention=speed.attention,
                                     fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph, fuse_ffn=speed.fuse_ffn)
         denoiser.guard = self.guard
-        mode = self.offloader.mode
-        if mode == "sequential":
-            self.offloader.reset()
         self.denoiser = denoiser
-        if mode == "sequential":
+        if self.offloader.mode != "none":  # new fused weights must join the offloaded tensors: apply again
+            mode = self.offloader.mode
+            self.offloader.detach()
             self.offloader.apply(mode)
 
     def set_offload(self, mode: str) -> None:
