@@ -15,6 +15,13 @@ import torch
 PATCH, F_PATCH = 2, 1
 
 
+def transformer_blocks(transformer) -> dict[str, torch.nn.Module]:
+    """Every block of the transformer by name, in the order a generation runs them (caption refiner once,
+    then per step the noise refiner and the main layers)."""
+    return {f"{group}.{i}": block for group in ("context_refiner", "noise_refiner", "layers")
+            for i, block in enumerate(getattr(transformer, group))}
+
+
 @dataclass
 class DenoiseContext:
     """Per-generation state: caption stream and padded caption features, shared by every step."""
@@ -28,6 +35,8 @@ class DenoiseContext:
 
 class Denoiser:
     """Predicts the flow velocity for a batch of latents with the transformer (output sign as the model's)."""
+
+    context_type = DenoiseContext  # what ``prepare`` returns
 
     def __init__(self, transformer: torch.nn.Module, device: torch.device | str | None = None):
         self.transformer = transformer
@@ -66,7 +75,7 @@ class Denoiser:
         )
         for layer in t.context_refiner:
             cap = layer(cap, cap_mask, cap_freqs)
-        return DenoiseContext(cap_feats=cap_feats, cap_stream=cap, cap_seqlens=cap_seqlens, cap_freqs=cap_freqs)
+        return self.context_type(cap_feats=cap_feats, cap_stream=cap, cap_seqlens=cap_seqlens, cap_freqs=cap_freqs)
 
     @torch.no_grad()
     def forward(self, ctx: DenoiseContext, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
+from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser, transformer_blocks
 from .cuda_graphs import StepGraphs
 from .fp8 import FP8Linear, quantize_activation_rowwise
 
@@ -180,6 +180,8 @@ class FastContext(DenoiseContext):
 class FastDenoiser(Denoiser):
     """``Denoiser`` with fused weights, real-arithmetic RoPE, optional compile, attention and fp8 choices."""
 
+    context_type = FastContext
+
     def __init__(self, transformer, device=None, *, compile: bool = False, attention: str = "auto",
                  fp8_matmul: bool = False, cuda_graph: bool = False, fuse_ffn: bool = True):
         super().__init__(transformer, device)
@@ -188,9 +190,7 @@ class FastDenoiser(Denoiser):
 
             raise ZImageError(f"attention {attention!r} is unknown: use one of {', '.join(ATTENTION_BACKENDS)}.")
         t = transformer
-        self.blocks = {name: t.get_submodule(name) for name in
-                       [f"noise_refiner.{i}" for i in range(len(t.noise_refiner))]
-                       + [f"layers.{i}" for i in range(len(t.layers))]}
+        self.blocks = {n: b for n, b in transformer_blocks(t).items() if not n.startswith("context_refiner.")}
         self.weights = {name: fuse_block(b).tensors(fuse_ffn) for name, b in self.blocks.items()}
         self.heads = t.layers[0].attention.heads
         self.eps = t.layers[0].attention_norm1.eps
@@ -214,12 +214,6 @@ class FastDenoiser(Denoiser):
             for t in tensors:
                 if t is not None:
                     torch._dynamo.mark_dynamic(t, 1)
-
-    @torch.no_grad()
-    def _prepare(self, cap_feats: list[torch.Tensor], latent_hw: tuple[int, int] | None = None) -> FastContext:
-        base = super()._prepare(cap_feats)
-        return FastContext(cap_feats=base.cap_feats, cap_stream=base.cap_stream, cap_seqlens=base.cap_seqlens,
-                           cap_freqs=base.cap_freqs)
 
     def _tables(self, ctx: FastContext, batch: int, h: int, w: int) -> None:
         """Positions, RoPE tables and masks for latents of ``h x w`` (once per generation)."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .dtypes import device_supports, dtype_name
+from .denoiser import transformer_blocks
 from .errors import ZImageError
 
 log = logging.getLogger("zimage_core")
@@ -78,9 +79,8 @@ def _nan_to_num(x: torch.Tensor) -> torch.Tensor:
 def guarded_blocks(component: str, model: nn.Module) -> dict[str, nn.Module]:
     """The modules the guard watches, by name: one transformer block, encoder layer or decoder block each."""
     if component == "transformer":
-        names = [f"{group}.{i}" for group in ("context_refiner", "noise_refiner", "layers")
-                 for i in range(len(getattr(model, group)))]
-    elif component == "text_encoder":
+        return transformer_blocks(model)
+    if component == "text_encoder":
         names = [f"layers.{i}" for i in range(len(model.layers))]
     else:
         dec = model.decoder
@@ -161,6 +161,7 @@ class PrecisionGuard:
         def clamp_input(_module, args):
             return (_nan_to_num(args[0]),) + tuple(args[1:])
 
+        vae_blocks = guarded_blocks("vae", model) if component == "vae" else {}
         for name, module in model.named_modules():
             if component == "transformer" and name.endswith((".attention", ".feed_forward")):
                 self._handles.append(module.register_forward_hook(clamp_output))
@@ -170,7 +171,7 @@ class PrecisionGuard:
                 self._handles.append(module.register_forward_hook(clamp_output))
             elif component == "text_encoder" and name.endswith(".mlp.down_proj"):
                 self._handles.append(module.register_forward_pre_hook(clamp_input))
-            elif component == "vae" and name in guarded_blocks("vae", model):
+            elif name in vae_blocks:
                 self._handles.append(module.register_forward_hook(clamp_output))
 
     def wants_module_forward(self, block: nn.Module) -> bool:

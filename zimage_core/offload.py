@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 
+from .denoiser import transformer_blocks
 from .errors import ZImageError
 
 log = logging.getLogger("zimage_core")
@@ -161,14 +162,6 @@ class BlockStreamer:
             h.remove()
 
 
-def _streamed_blocks(zimage) -> dict[str, nn.Module]:
-    t = zimage.transformer
-    return {name: t.get_submodule(name) for name in
-            [f"context_refiner.{i}" for i in range(len(t.context_refiner))]
-            + [f"noise_refiner.{i}" for i in range(len(t.noise_refiner))]
-            + [f"layers.{i}" for i in range(len(t.layers))]}
-
-
 def _rest_of(module: nn.Module, streamed: list[nn.Module]) -> list[torch.Tensor]:
     inside = {id(t) for m in streamed for t in module_tensors(m)}
     return [t for t in module_tensors(module) if id(t) not in inside]
@@ -216,7 +209,7 @@ class Offloader:
                 hook.offload()
                 self.hooks[name] = previous = hook
         elif mode == "sequential":
-            blocks = _streamed_blocks(z)
+            blocks = transformer_blocks(z.transformer)
             self.streamers.append(BlockStreamer(blocks, device, loop_from="noise_refiner.0"))
             z.denoiser.streamer = self.streamers[0]
             layers = {f"layers.{i}": layer for i, layer in enumerate(z.text_encoder.layers)}
