@@ -5,6 +5,9 @@ Setting: 1024x1024, batch 1, 8 steps, a 128-token prompt; CUDA-synchronised medi
 
     python benchmarks/bench_speed.py --out benchmarks/results/speed_h100.json
     python benchmarks/bench_speed.py --tiny --device cpu --size 128 --out /tmp/speed.json   # smoke test
+
+Its fp16 section times variants one after another; the precision guard's figures of record come from
+``bench_fp16_gap.py --sections steps``, which interleaves them (``benchmarks/results/guard_h100.json``).
 """
 
 from __future__ import annotations
