@@ -140,3 +140,39 @@ def test_no_overflow_costs_one_check_per_step(tiny_dir):
     # prompt encode + caption refine + 4 steps + decode, one finiteness check each; no re-runs.
     assert guard.checks == 1 + 1 + KW["steps"] + 1 and guard.probe_runs == 0
     assert result.report["summary"] == "auto: no overflow"
+
+
+def test_step_checks_are_read_one_step_late(tiny_dir, monkeypatch):
+    """The host reads step i's finiteness only once step i+1 is queued, so the GPU never waits for it."""
+    zimage = ZImage.load(tiny_dir, device="cpu", dtype="fp16")
+    guard = zimage.set_precision_guard("auto")
+    order = []
+    forward, settle = zimage.denoiser.forward, guard._settle
+    monkeypatch.setattr(zimage.denoiser, "forward", lambda *a: order.append("run") or forward(*a))
+    monkeypatch.setattr(guard, "_settle", lambda pending: order.append(f"check {pending[0]}") or settle(pending))
+    zimage.generate("clean", **KW)
+    assert order == ["run", "run", "check 0", "run", "check 1", "run", "check 2", "check 3"]
+
+
+def test_non_finite_step_is_run_again_from_its_input(tiny_dir):
+    """Found one step late, the overflowing step is run again from the latents it started from; the callback
+    sees it twice, and the result is the repaired one."""
+    zimage = planted(tiny_dir, "fp16", components=("transformer",))
+    guard = zimage.set_precision_guard("auto")
+    seen = []
+    result = zimage.generate("a planted overflow", callback=lambda info: seen.append(info.step), **KW)
+    assert seen == [0, 0, 1, 2, 3]
+    assert guard.probe_runs == 1 and set(guard.sticky()["transformer"]) == PLANTED_BLOCKS["transformer"]
+    fp32 = planted(tiny_dir, "fp32", components=("transformer",)).generate("a planted overflow", **KW)
+    assert torch.isfinite(result.latents).all() and rel_l2(result.latents, fp32.latents) <= 1e-2
+
+
+def test_overflow_in_the_last_step_is_caught_after_the_loop(tiny_dir):
+    """With one step there is no next step to read the check under: it is read after the loop."""
+    kw = dict(KW, steps=1)
+    zimage = planted(tiny_dir, "fp16", components=("transformer",))
+    guard = zimage.set_precision_guard("auto")
+    result = zimage.generate("a planted overflow", **kw)
+    fp32 = planted(tiny_dir, "fp32", components=("transformer",)).generate("a planted overflow", **kw)
+    assert guard.probe_runs == 1 and torch.isfinite(result.latents).all()
+    assert rel_l2(result.latents, fp32.latents) <= 1e-2

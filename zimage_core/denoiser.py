@@ -106,3 +106,13 @@ class Denoiser:
         if self.guard is not None:
             return self.guard.run_step(self, ctx, latents, timestep)
         return self.forward(ctx, latents, timestep)
+
+    def begin_steps(self) -> None:
+        """Before a sampling loop: forget checks left over from an interrupted one."""
+        if self.guard is not None:
+            self.guard.begin_steps()
+
+    def finish_steps(self) -> None:
+        """After the last step: the guard reads the check it left pending (may raise ``StepOverflow``)."""
+        if self.guard is not None:
+            self.guard.finish_steps()

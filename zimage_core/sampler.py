@@ -15,6 +15,7 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import GenerationCancelled, ZImageError
+from .guard import StepOverflow
 
 LATENT_CHANNELS = 16
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 8192, 16  # 8192 px = 512 patches of 16 px: the RoPE table's length
@@ -95,7 +96,8 @@ def sample(
     ``cap_feats`` has one embedding per image. ``guidance`` uses diffusers' convention
     ``pred = pos + g * (pos - neg)`` (ComfyUI's cfg is ``g + 1``); 0 turns it off, as Turbo wants.
     ``init_latents`` (model space) with ``denoise < 1`` is img2img. ``callback`` runs after every step;
-    returning ``False`` cancels with ``GenerationCancelled``.
+    returning ``False`` cancels with ``GenerationCancelled``. Under the precision guard a step that comes
+    out non-finite is found one step later and run again, so the callback then sees that step once more.
     """
     check_size(width, height)
     batch = len(cap_feats)
@@ -131,19 +133,31 @@ def sample(
     device = denoiser.device
     latents = latents.to(device)
     sigmas_dev = sigmas.to(device)
-    for i in range(steps):
+    denoiser.begin_steps()
+    starts: dict[int, torch.Tensor] = {}  # the latents each of the last two steps started from
+    i = 0
+    while i < steps:
+        starts = {k: v for k, v in starts.items() if k == i - 1}
+        starts[i] = latents
         sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
         t = sigma * 1000.0  # the scheduler's timestep, then the pipeline's (1000 - t) / 1000
         timestep = (1000.0 - t.expand(batch)) / 1000.0
         denoiser.step_index = i
-        if use_cfg:
-            out = denoiser(ctx, latents.repeat(2, 1, 1, 1), timestep.repeat(2)).float()
-            pos, neg = out[:batch], out[batch:]
-            pred = pos + guidance * (pos - neg)
-        else:
-            pred = denoiser(ctx, latents, timestep).float()
+        try:
+            if use_cfg:
+                out = denoiser(ctx, latents.repeat(2, 1, 1, 1), timestep.repeat(2)).float()
+                pos, neg = out[:batch], out[batch:]
+                pred = pos + guidance * (pos - neg)
+            else:
+                pred = denoiser(ctx, latents, timestep).float()
+            if i == steps - 1:
+                denoiser.finish_steps()
+        except StepOverflow as redo:  # the precision guard found step redo.step non-finite: run it again
+            i, latents = redo.step, starts[redo.step]
+            continue
         latents = latents + (sigma_next - sigma) * (-pred)
         if callback is not None and callback(StepInfo(i, steps, float(sigmas[i]), latents)) is False:
             raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
+        i += 1
     denoiser.step_index = None
     return latents.cpu()
