@@ -99,17 +99,12 @@ def test_escalates_to_fp32_when_bf16_overflows_too(tiny_dir, monkeypatch):
     zimage.generate("x", **KW)
     real_copy = PrecisionGuard._high_precision_copy
 
-    class BrokenInBf16(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *args, **kwargs):
-            return self.inner(*args, **kwargs) * float("inf")
-
     def copy_that_overflows_in_bf16(self, module, dtype):
         clone = real_copy(self, module, dtype)
-        return BrokenInBf16(clone) if dtype == torch.bfloat16 and module._zimage_guard[1] == "layers.1" else clone
+        if dtype == torch.bfloat16 and module._zimage_guard[1] == "layers.1":
+            with torch.no_grad():  # the bf16 copy's FFN now overflows, in the fast path and in the module's forward
+                clone.feed_forward.w2.weight.fill_(float("inf"))
+        return clone
 
     monkeypatch.setattr(PrecisionGuard, "_high_precision_copy", copy_that_overflows_in_bf16)
     result = zimage.generate("x", **KW)
@@ -176,3 +171,19 @@ def test_overflow_in_the_last_step_is_caught_after_the_loop(tiny_dir):
     fp32 = planted(tiny_dir, "fp32", components=("transformer",)).generate("a planted overflow", **kw)
     assert guard.probe_runs == 1 and torch.isfinite(result.latents).all()
     assert rel_l2(result.latents, fp32.latents) <= 1e-2
+
+
+def test_sticky_blocks_run_in_the_fast_block_function(tiny_dir, monkeypatch):
+    """Outside a probe, a sticky block runs the fast (compilable) block function on its bf16 copy's weights,
+    not diffusers' block forward, and gives the same latents as the probe's module forward did."""
+    zimage = planted(tiny_dir, "fp16", components=("transformer",))
+    zimage.set_precision_guard("auto")
+    first = zimage.generate("x", **KW)
+    fast_calls = []
+    block = zimage.denoiser._block
+    monkeypatch.setattr(zimage.denoiser, "_block", lambda *a: fast_calls.append(a[0].dtype) or block(*a))
+    second = zimage.generate("x", **KW)
+    t = zimage.transformer
+    assert len(fast_calls) == KW["steps"] * (len(t.noise_refiner) + len(t.layers))
+    assert fast_calls.count(torch.bfloat16) == KW["steps"] * len(PLANTED_BLOCKS["transformer"])
+    assert rel_l2(second.latents, first.latents) <= 1e-3

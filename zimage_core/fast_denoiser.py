@@ -12,8 +12,9 @@ What it changes, each measured in ``benchmarks/bench_speed.py``:
   whole steps replay as CUDA graphs (``cuda_graphs.py``).
 - fp8 weights (``FP8Linear``) multiply in fp8 with row-wise scales where the GPU has fp8 tensor cores.
 
-Blocks the precision guard runs in higher precision, every block while the guard probes, and every block
-under the clamp policy go through diffusers' block forward instead, so the guard works unchanged.
+Every block while the precision guard probes, and every block under the clamp policy, go through diffusers'
+block forward instead, so the guard works unchanged. Blocks the guard runs in higher precision ("sticky")
+go through the same fast block function on their higher-precision copy's fused weights.
 """
 
 from __future__ import annotations
@@ -196,6 +197,7 @@ class FastDenoiser(Denoiser):
         self.eps = t.layers[0].attention_norm1.eps
         self.attention = attention
         self.fp8_matmul = fp8_matmul
+        self.fuse_ffn = fuse_ffn
         self.compiled = compile
         self._block = torch.compile(block_forward, fullgraph=True, dynamic=None) if compile else block_forward
         self.graphs = StepGraphs(self) if cuda_graph and self.device.type == "cuda" else None
@@ -238,7 +240,15 @@ class FastDenoiser(Denoiser):
 
     def _run(self, name, block, x, mask, mask_2d, freqs, cos, sin, adaln, weights):
         if self.guard is not None and self.guard.wants_module_forward(block):
-            return block(x, mask_2d, freqs, adaln)  # diffusers' forward, wrapped or hooked by the guard
+            hp = self.guard.sticky_copy(block)
+            if hp is None:
+                return block(x, mask_2d, freqs, adaln)  # diffusers' forward, wrapped or hooked by the guard
+            dtype = hp.attention_norm1.weight.dtype
+            x_hp = x.to(dtype)
+            self._mark(x_hp)
+            hp_weights = fuse_block(hp).tensors(self.fuse_ffn)
+            out = self._block(x_hp, mask, cos, sin, adaln.to(dtype), hp_weights, self.heads, self.eps, False)
+            return out.to(x.dtype)
         if self.streamer is not None:  # sequential offload: the block function bypasses the module's hooks
             self.streamer.before(name)
             out = self._block(x, mask, cos, sin, adaln, weights, self.heads, self.eps, self.fp8_matmul)

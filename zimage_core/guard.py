@@ -203,6 +203,14 @@ class PrecisionGuard:
         """Whether a fast path must call this block's module forward (where the guard acts) this time."""
         return self.policy == "clamp" or self.probing or "_zimage_hp_dtype" in block.__dict__
 
+    def sticky_copy(self, block: nn.Module) -> nn.Module | None:
+        """The higher-precision copy a fast path may run itself for a sticky block outside a probe (no check is
+        needed there: an overflow on the way back shows in the step's check and starts a probe)."""
+        dtype = block.__dict__.get("_zimage_hp_dtype")
+        if dtype is None or self.probing or self.policy == "clamp":
+            return None
+        return self._high_precision_copy(block, dtype)
+
     # ------------------------------------------------------------------ the block wrapper
     def _run(self, component, name, module, original, args, kwargs):
         hp_dtype = module.__dict__.get("_zimage_hp_dtype")
