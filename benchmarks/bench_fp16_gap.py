@@ -25,6 +25,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import statistics
@@ -122,12 +123,21 @@ def interleaved(variants: dict, rounds: int, clocks: ClockLog, prefix: str = "",
 
 
 def kernel_names(fn) -> list[str]:
-    from torch.profiler import ProfilerActivity, profile
+    return sorted(kernel_times(fn, repeat=1))
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        sync()
-    return sorted({e.key for e in prof.key_averages() if e.device_time_total > 0})
+
+def bf16_and_fp16(device, tiny: bool, opts: SpeedOptions, fp16_copies: int = 1):
+    """A bf16 ZImage, ``fp16_copies`` fp16 ZImages on copies of the same random real-size weights (sharing its
+    text encoder and VAE), and the bf16 embeddings of a 128-token prompt."""
+    transformer, _, our_te, vae = build_models(device, torch.bfloat16, tiny=tiny)
+    copies = [copy.deepcopy(transformer).half() for _ in range(fp16_copies)]  # before fusing: no fused copies
+    for t in copies:
+        t.zimage_dtype = ComponentDtype(torch.float16, torch.float16)
+    tokenizer = PromptTokenizer(find_tokenizer())
+    zb = ZImage(transformer, our_te, vae, tokenizer, resolve_policy(device, "bf16"), device, speed=opts)
+    emb = zb.encode_prompt(prompt_of_tokens(tokenizer, 128))
+    fp16_policy = resolve_policy(device, "bf16", overrides={"transformer": ("fp16", "fp16")})
+    return zb, [ZImage(t, our_te, vae, tokenizer, fp16_policy, device, speed=opts) for t in copies], emb
 
 
 def kernel_times(fn, repeat: int = 5) -> dict[str, float]:
@@ -222,31 +232,18 @@ def main():
 
     @section("steps")
     def steps(results):
-        import copy
-
-        transformer, _, our_te, vae = build_models(device, torch.bfloat16, tiny=args.tiny)
-        t16 = copy.deepcopy(transformer).half()
-        t16p = copy.deepcopy(transformer).half()
-        for t in (t16, t16p):
-            t.zimage_dtype = ComponentDtype(torch.float16, torch.float16)
-        n = len(transformer.layers)
+        opts = SpeedOptions(compile=device.type == "cuda", cuda_graph=args.cuda_graph)
+        results.note("steps_speed_options", repr(opts))
+        zb, (z16, z16p), emb = bf16_and_fp16(device, args.tiny, opts, fp16_copies=2)
+        emb16 = [e.half() for e in emb]
+        t16p = z16p.transformer
+        n = len(t16p.layers)
         planted = [f"layers.{n // 3}", f"layers.{2 * n // 3}"]
         with torch.no_grad():
             for name in planted:  # SwiGLU products past 65504 in fp16; the FFN norm keeps the block output finite
                 ffn = t16p.get_submodule(name).feed_forward
                 ffn.w1.weight.mul_(400.0 if args.tiny else 60.0)
                 ffn.w3.weight.mul_(400.0 if args.tiny else 60.0)
-        tok_dir = find_tokenizer()
-        tokenizer = PromptTokenizer(tok_dir)
-        prompt = prompt_of_tokens(tokenizer, 128)
-        opts = SpeedOptions(compile=device.type == "cuda", cuda_graph=args.cuda_graph)
-        results.note("steps_speed_options", repr(opts))
-        fp16_policy = resolve_policy(device, "bf16", overrides={"transformer": ("fp16", "fp16")})
-        zb = ZImage(transformer, our_te, vae, tokenizer, resolve_policy(device, "bf16"), device, speed=opts)
-        emb = zb.encode_prompt(prompt)
-        emb16 = [e.half() for e in emb]
-        z16 = ZImage(t16, our_te, vae, tokenizer, fp16_policy, device, speed=opts)
-        z16p = ZImage(t16p, our_te, vae, tokenizer, fp16_policy, device, speed=opts)
         size = 128 if args.tiny else 1024
         kw = {"seed": 42, "width": size, "height": size, "steps": 8}
         start = time.perf_counter()
@@ -344,21 +341,13 @@ def main():
     def diagnose(results):
         """Where the full model's fp16 time goes: the same step cold (after 1.5 s idle, below the power cap)
         and hot, kernel time per kind, and the matrix multiplies on the model's own operands."""
-        import copy
-
         import torch.nn.functional as F
 
         from zimage_core.fast_denoiser import _rms
 
-        transformer, _, our_te, vae = build_models(device, torch.bfloat16, tiny=args.tiny)
-        t16 = copy.deepcopy(transformer).half()
-        t16.zimage_dtype = ComponentDtype(torch.float16, torch.float16)
-        tokenizer = PromptTokenizer(find_tokenizer())
-        opts = SpeedOptions(compile=device.type == "cuda", cuda_graph=False)
-        zb = ZImage(transformer, our_te, vae, tokenizer, resolve_policy(device, "bf16"), device, speed=opts)
-        emb = zb.encode_prompt(prompt_of_tokens(tokenizer, 128))
-        z16 = ZImage(t16, our_te, vae, tokenizer, resolve_policy(device, "bf16", overrides={
-            "transformer": ("fp16", "fp16")}), device, speed=opts)
+        zb, (z16,), emb = bf16_and_fp16(device, args.tiny, SpeedOptions(compile=device.type == "cuda",
+                                                                         cuda_graph=False))
+        transformer = zb.transformer
         models = {"bf16": (zb, emb), "fp16": (z16, [e.half() for e in emb])}
         side = 16 if args.tiny else 128
         lat = torch.randn(1, 16, side, side, device=device, generator=torch.Generator(device).manual_seed(0))
@@ -375,7 +364,7 @@ def main():
         # GPU time alone: a 1 s sleep kernel goes first, so every kernel of the step is queued before the GPU
         # reaches it (no launch gaps); the host time to queue the step is measured alongside.
         gpu_only, host = {k: [] for k in models}, {k: [] for k in models}
-        for r in range(R):
+        for r in range(R if device.type == "cuda" else 0):
             for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
                 sync()
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -387,11 +376,12 @@ def main():
                 end.record()
                 sync()
                 gpu_only[k].append(begin.elapsed_time(end))
-        for k in models:
+        for k in models if device.type == "cuda" else ():
             results[f"diag_step_gpu_only_{k}_ms"] = statistics.median(gpu_only[k])
             results[f"diag_step_host_queue_{k}_ms"] = statistics.median(host[k])
-        results["diag_step_gpu_only_fp16_vs_bf16"] = (statistics.median(gpu_only["fp16"])
-                                                      / statistics.median(gpu_only["bf16"]))
+        if device.type == "cuda":
+            results["diag_step_gpu_only_fp16_vs_bf16"] = (statistics.median(gpu_only["fp16"])
+                                                          / statistics.median(gpu_only["bf16"]))
         hot = interleaved({k: (lambda k=k: [step(k)() for _ in range(16)]) for k in models}, R, clocks, "hot_")
         for k, ts in hot.items():
             results[f"diag_step_hot_{k}_ms"] = statistics.median(ts) / 16 * 1e3
@@ -522,8 +512,6 @@ def main():
         """One compiled main-layer block (4224 tokens) in bf16 and in fp16, with inductor's default kernel
         configurations and with its coordinate-descent tuning (run with TORCH_LOGS=output_code to keep the
         generated kernels of both dtypes)."""
-        import copy
-
         import torch._inductor.config as inductor_config
         from diffusers import ZImageTransformer2DModel
 
