@@ -187,3 +187,21 @@ def test_sticky_blocks_run_in_the_fast_block_function(tiny_dir, monkeypatch):
     assert len(fast_calls) == KW["steps"] * (len(t.noise_refiner) + len(t.layers))
     assert fast_calls.count(torch.bfloat16) == KW["steps"] * len(PLANTED_BLOCKS["transformer"])
     assert rel_l2(second.latents, first.latents) <= 1e-3
+
+
+def test_step_graph_key_follows_a_sticky_block_escalated_to_fp32(tiny_dir):
+    """A captured step graph replays the copy it captured, so escalating a sticky block from bf16 to fp32 must
+    select another graph."""
+    from zimage_core.cuda_graphs import StepGraphs
+
+    zimage = ZImage.load(tiny_dir, device="cpu", dtype="fp16")
+    graphs = StepGraphs(zimage.denoiser)
+    ctx = zimage.denoiser.prepare(zimage.encode_prompt("x"))
+    latents = torch.zeros(1, 16, 8, 8)
+    block = zimage.transformer.layers[1]
+    plain = graphs._key(ctx, latents)
+    block._zimage_hp_dtype = torch.bfloat16
+    in_bf16 = graphs._key(ctx, latents)
+    block._zimage_hp_dtype = torch.float32
+    in_fp32 = graphs._key(ctx, latents)
+    assert len({plain, in_bf16, in_fp32}) == 3

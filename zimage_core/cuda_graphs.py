@@ -3,8 +3,8 @@
 A step launches a few hundred kernels; launched one by one from Python they leave the GPU idle between
 them. A captured graph replays them back to back. Graphs are cached by everything whose change would make
 them wrong: shapes, the addresses of the weights (offload moves them), and which blocks the precision
-guard runs in higher precision. Capture needs one eager warm-up run first (it also triggers
-``torch.compile``). Any failure to capture falls back to eager launches with a one-line log.
+guard runs in higher precision, and in which dtype. Capture needs one eager warm-up run first (it also
+triggers ``torch.compile``). Any failure to capture falls back to eager launches with a one-line log.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class _StepGraph:
 
 
 class StepGraphs:
-    """Graphs of ``FastDenoiser._forward`` keyed by shapes, weight addresses and the guard's sticky set."""
+    """Graphs of ``FastDenoiser._forward`` keyed by shapes, weight addresses and the guard's sticky blocks
+    with their dtypes."""
 
     def __init__(self, denoiser):
         self.denoiser = denoiser
@@ -53,7 +54,9 @@ class StepGraphs:
     def _key(self, ctx, latents: torch.Tensor) -> tuple:
         d = self.denoiser
         weights = tuple(t.data_ptr() for t in _tensors(d.weights))
-        sticky = frozenset(n for n, b in d.blocks.items() if "_zimage_hp_dtype" in b.__dict__)
+        # A sticky block escalated from bf16 to fp32 runs another copy: the dtype is part of the key.
+        sticky = frozenset((n, b.__dict__["_zimage_hp_dtype"]) for n, b in d.blocks.items()
+                           if "_zimage_hp_dtype" in b.__dict__)
         return (tuple(latents.shape), latents.dtype, tuple(ctx.cap_stream.shape), tuple(ctx.cap_seqlens),
                 d.transformer.x_pad_token.data_ptr(), weights, sticky)
 
