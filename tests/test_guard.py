@@ -4,8 +4,9 @@ matmul, conv and norms there), not an emulation."""
 import pytest
 import torch
 
-from zimage_core import ZImage
+from zimage_core import ZImage, ZImageError
 from zimage_core.guard import PrecisionGuard, PrecisionOverflow
+from zimage_core.weights import WeightOwner
 
 KW = dict(seed=3, width=64, height=64, steps=4)
 # weight -> scale. Each plant pushes an intermediate (SwiGLU product, conv output) past 65504 in fp16 while
@@ -46,9 +47,12 @@ def fp32_result(tiny_dir):
 
 
 def test_planted_overflow_breaks_plain_fp16(tiny_dir, fp32_result):
+    """Without the guard the overflow is an error naming where it began, never a black image."""
     assert torch.isfinite(fp32_result.latents).all() and torch.isfinite(fp32_result.images).all()
-    plain = planted(tiny_dir, "fp16").generate("a planted overflow", **KW)
-    assert not torch.isfinite(plain.latents).all()
+    with pytest.raises(ZImageError, match="text encoder gave NaN or Inf"):
+        planted(tiny_dir, "fp16").generate("a planted overflow", **KW)
+    with pytest.raises(ZImageError, match=r"latents became NaN/inf at step 1 of 4 \(transformer\).*precision guard"):
+        planted(tiny_dir, "fp16", components=("transformer",)).generate("a planted overflow", **KW)
 
 
 @pytest.mark.parametrize("component,where", [
@@ -97,16 +101,17 @@ def test_escalates_to_fp32_when_bf16_overflows_too(tiny_dir, monkeypatch):
     zimage = planted(tiny_dir, "fp16", components=("transformer",))
     guard = zimage.set_precision_guard("auto")
     zimage.generate("x", **KW)
-    real_copy = PrecisionGuard._high_precision_copy
+    real_copy = WeightOwner.high_precision_copy
 
-    def copy_that_overflows_in_bf16(self, module, dtype):
-        clone = real_copy(self, module, dtype)
-        if dtype == torch.bfloat16 and module._zimage_guard[1] == "layers.1":
+    def copy_that_overflows_in_bf16(self, name, module, dtype):
+        clone = real_copy(self, name, module, dtype)
+        if dtype == torch.bfloat16 and name == "layers.1":
             with torch.no_grad():  # the bf16 copy's FFN now overflows, in the fast path and in the module's forward
                 clone.feed_forward.w2.weight.fill_(float("inf"))
         return clone
 
-    monkeypatch.setattr(PrecisionGuard, "_high_precision_copy", copy_that_overflows_in_bf16)
+    monkeypatch.setattr(WeightOwner, "high_precision_copy", copy_that_overflows_in_bf16)
+    WeightOwner.of(zimage.transformer).drop_copies()  # the bf16 copy made by the first run is made again
     result = zimage.generate("x", **KW)
     assert torch.isfinite(result.latents).all()
     assert result.report["sticky"]["transformer"] == {"noise_refiner.0": "bf16", "layers.1": "fp32"}
@@ -198,10 +203,10 @@ def test_step_graph_key_follows_a_sticky_block_escalated_to_fp32(tiny_dir):
     graphs = StepGraphs(zimage.denoiser)
     ctx = zimage.denoiser.prepare(zimage.encode_prompt("x"))
     latents = torch.zeros(1, 16, 8, 8)
-    block = zimage.transformer.layers[1]
+    owner = WeightOwner.of(zimage.transformer)
     plain = graphs._key(ctx, latents)
-    block._zimage_hp_dtype = torch.bfloat16
+    owner.set_sticky("layers.1", torch.bfloat16)
     in_bf16 = graphs._key(ctx, latents)
-    block._zimage_hp_dtype = torch.float32
+    owner.set_sticky("layers.1", torch.float32)
     in_fp32 = graphs._key(ctx, latents)
     assert len({plain, in_bf16, in_fp32}) == 3

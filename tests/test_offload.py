@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from zimage_core.weights import TransformerWeights
+
 from zimage_core import ZImage, ZImageError
 
 
@@ -50,7 +52,7 @@ def test_offload_keeps_cpu_masters_and_fused_views(offloadable):
     ptr = attn.to_q.weight.untyped_storage().data_ptr()
     assert ptr not in master_ptrs
     assert attn.to_k.weight.untyped_storage().data_ptr() == ptr  # q/k/v still views of one fused weight
-    assert z.transformer.layers[0]._zimage_fused.qkv[0].untyped_storage().data_ptr() == ptr
+    assert TransformerWeights.of(z.transformer).fused("layers.0").qkv.weight.untyped_storage().data_ptr() == ptr
     z.offloader.finish()
     assert attn.to_q.weight.untyped_storage().data_ptr() in master_ptrs
 
@@ -125,7 +127,7 @@ def test_changing_speed_options_under_offload(tiny_dir, zimage, mode):
     z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", offload=mode, speed=SpeedOptions(fast=False))
     z.set_speed(SpeedOptions())  # fusing now makes new tensors: they must be offloaded with the rest
     assert z.offloader.mode == mode
-    fused = z.transformer.layers[0]._zimage_fused.qkv[0]
+    fused = TransformerWeights.of(z.transformer).fused("layers.0").qkv.weight
     moved = (z.offloader.hooks["transformer"].storage.tensors if mode == "model"
              else z.denoiser.streamer.sets["layers.0"].tensors)
     assert any(t is fused for t in moved)

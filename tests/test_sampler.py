@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from zimage_core import GenerationCancelled, ZImageError, flow_sigmas, initial_noise
+from zimage_core import GenerationCancelled, ZImageError, flow_sigmas, initial_noise, ksampler_sigmas
 
 
 def test_eight_step_sigmas_are_the_reference_ones():
@@ -68,7 +68,7 @@ def test_img2img_starts_from_noised_input(zimage):
         first.setdefault("latents", info.latents.clone())
         return False
 
-    sigmas = flow_sigmas(8, denoise=0.5)
+    sigmas = ksampler_sigmas(8, denoise=0.5)  # the sampler's default schedule: ComfyUI's KSampler + simple
     with pytest.raises(GenerationCancelled):
         zimage.sample(feats, seed=4, width=64, height=64, denoise=0.5, init_latents=init, callback=grab)
     # Recompute the first step by hand from the ComfyUI noising rule.

@@ -2,8 +2,8 @@
 
 A step launches a few hundred kernels; launched one by one from Python they leave the GPU idle between
 them. A captured graph replays them back to back. Graphs are cached by everything whose change would make
-them wrong: shapes, the addresses of the weights (offload moves them), and which blocks the precision
-guard runs in higher precision, and in which dtype. Capture needs one eager warm-up run first (it also
+them wrong: shapes, the addresses of the weights, and the version of the weights' owner (``weights.py``), which
+changes with every sticky block of the precision guard, every LoRA merge and every re-fusing. Capture needs one eager warm-up run first (it also
 triggers ``torch.compile``). Any failure to capture falls back to eager launches with a one-line log.
 """
 
@@ -15,8 +15,18 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .weights import WeightOwner
+
 log = logging.getLogger("zimage_core")
 MAX_GRAPHS = 4
+
+
+def graphs_usable(model, guard) -> bool:
+    """Whether a graph may replay ``model``'s work now: not while accelerate hooks move its weights (offload),
+    and not while the precision guard probes or clamps (it then runs other code each time)."""
+    if hasattr(model, "_hf_hook"):
+        return False
+    return not (guard is not None and (guard.probing or guard.policy == "clamp"))
 
 
 def _capture(fn, *static_inputs, pool=None):
@@ -42,8 +52,7 @@ class _StepGraph:
 
 
 class StepGraphs:
-    """Graphs of ``FastDenoiser._forward`` keyed by shapes, weight addresses and the guard's sticky blocks
-    with their dtypes."""
+    """Graphs of ``FastDenoiser._forward`` keyed by shapes, weight addresses and the weights' version."""
 
     def __init__(self, denoiser):
         self.denoiser = denoiser
@@ -53,12 +62,11 @@ class StepGraphs:
 
     def _key(self, ctx, latents: torch.Tensor) -> tuple:
         d = self.denoiser
-        weights = tuple(t.data_ptr() for t in _tensors(d.weights))
-        # A sticky block escalated from bf16 to fp32 runs another copy: the dtype is part of the key.
-        sticky = frozenset((n, b.__dict__["_zimage_hp_dtype"]) for n, b in d.blocks.items()
-                           if "_zimage_hp_dtype" in b.__dict__)
+        weights = tuple(t.data_ptr() for name in d.names for t in _tensors(d.weights.block(name, d.fuse_ffn))
+                        if t is not None)
+        # A sticky block (or one escalated from bf16 to fp32) runs another copy: the owner's version changes.
         return (tuple(latents.shape), latents.dtype, tuple(ctx.cap_stream.shape), tuple(ctx.cap_seqlens),
-                d.transformer.x_pad_token.data_ptr(), weights, sticky)
+                d.transformer.x_pad_token.data_ptr(), weights, d.weights.version)
 
     def __call__(self, ctx, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         d = self.denoiser
@@ -127,7 +135,7 @@ class EncoderGraphs:
             return None
         length = ids.shape[1]
         bucket = -(-length // self.BUCKET) * self.BUCKET
-        key = (bucket, tuple(p.data_ptr() for p in encoder.parameters()))
+        key = (bucket, tuple(p.data_ptr() for p in encoder.parameters()), WeightOwner.of(encoder).version)
         entry = self.graphs.get(key)
         if entry is None:
             static = torch.full((1, bucket), self.PAD_ID, dtype=torch.long, device=ids.device)

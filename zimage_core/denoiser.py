@@ -1,9 +1,10 @@
-"""The transformer call of one sampling step, for Z-Image's plain text-to-image mode.
+"""The transformer call of one sampling step, for Z-Image's plain text-to-image mode (the reference path).
 
 It runs the blocks of diffusers' ``ZImageTransformer2DModel`` in the order of its ``forward`` and with its
 own helpers (patchify, padding, RoPE, unpatchify), so the numbers are the reference's. What differs:
 the caption embedder and caption refiner, which do not depend on the step, run once per generation in
-``prepare``; the precision guard wraps the blocks themselves (``guard.py``).
+``prepare``; attention goes through the package's one dispatch (``attention.backend_context``); the precision
+guard, when given, wraps the blocks themselves (``guard.py``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import backend_context, check_backend
+from .weights import transformer_blocks  # noqa: F401  (re-exported: the block order is part of this API)
+
 PATCH, F_PATCH = 2, 1
-
-
-def transformer_blocks(transformer) -> dict[str, torch.nn.Module]:
-    """Every block of the transformer by name, in the order a generation runs them (caption refiner once,
-    then per step the noise refiner and the main layers)."""
-    return {f"{group}.{i}": block for group in ("context_refiner", "noise_refiner", "layers")
-            for i, block in enumerate(getattr(transformer, group))}
 
 
 @dataclass
@@ -34,21 +31,26 @@ class DenoiseContext:
 
 
 class Denoiser:
-    """Predicts the flow velocity for a batch of latents with the transformer (output sign as the model's)."""
+    """Predicts the flow velocity for a batch of latents with the transformer (output sign as the model's).
+
+    ``dtype`` is the compute dtype, ``guard`` the precision guard in force (or None); both are fixed for the
+    denoiser's life: a new guard or new speed options make a new denoiser (cheap: the weights' owner keeps
+    the fused views, compiled code is shared).
+    """
 
     context_type = DenoiseContext  # what ``prepare`` returns
 
-    def __init__(self, transformer: torch.nn.Module, device: torch.device | str | None = None):
+    def __init__(self, transformer: torch.nn.Module, device: torch.device | str | None = None, *,
+                 dtype: torch.dtype | None = None, attention: str = "auto", guard=None):
         self.transformer = transformer
         self._device = torch.device(device) if device is not None else None
-        self.guard = None  # a PrecisionGuard sets itself here
-        self.step_index: int | None = None  # the sampler's current step, for guard reports
-        self.streamer = None  # set by sequential offload
+        self._dtype = dtype
+        self.attention = check_backend(attention)
+        self.guard = guard
 
     @property
     def dtype(self) -> torch.dtype:
-        cdtype = getattr(self.transformer, "zimage_dtype", None)
-        return cdtype.compute if cdtype else self.transformer.x_pad_token.dtype
+        return self._dtype or self.transformer.x_pad_token.dtype
 
     @property
     def device(self) -> torch.device:
@@ -73,8 +75,9 @@ class Denoiser:
         cap, cap_freqs, cap_mask, _, _ = t._prepare_sequence(
             list(cap.split(cap_seqlens, dim=0)), cap_pos_ids, cap_pad_mask, t.cap_pad_token, None, device
         )
-        for layer in t.context_refiner:
-            cap = layer(cap, cap_mask, cap_freqs)
+        with backend_context(self.attention):
+            for layer in t.context_refiner:
+                cap = layer(cap, cap_mask, cap_freqs)
         return self.context_type(cap_feats=cap_feats, cap_stream=cap, cap_seqlens=cap_seqlens, cap_freqs=cap_freqs)
 
     @torch.no_grad()
@@ -90,29 +93,18 @@ class Denoiser:
         x, x_freqs, x_mask, _, _ = t._prepare_sequence(
             list(x.split(x_seqlens, dim=0)), x_pos_ids, x_pad_mask, t.x_pad_token, None, device
         )
-        for layer in t.noise_refiner:
-            x = layer(x, x_mask, x_freqs, adaln_input)
-        unified, unified_freqs, unified_mask, _ = t._build_unified_sequence(
-            x, x_freqs, x_seqlens, None, ctx.cap_stream, ctx.cap_freqs, ctx.cap_seqlens, None,
-            None, None, None, None, False, device,
-        )
-        for layer in t.layers:
-            unified = layer(unified, unified_mask, unified_freqs, adaln_input)
+        with backend_context(self.attention):
+            for layer in t.noise_refiner:
+                x = layer(x, x_mask, x_freqs, adaln_input)
+            unified, unified_freqs, unified_mask, _ = t._build_unified_sequence(
+                x, x_freqs, x_seqlens, None, ctx.cap_stream, ctx.cap_freqs, ctx.cap_seqlens, None,
+                None, None, None, None, False, device,
+            )
+            for layer in t.layers:
+                unified = layer(unified, unified_mask, unified_freqs, adaln_input)
         unified = t.all_final_layer[f"{PATCH}-{F_PATCH}"](unified, c=adaln_input)
         out = t.unpatchify(list(unified.unbind(dim=0)), x_size, PATCH, F_PATCH)
         return torch.stack(out, dim=0).squeeze(2)
 
     def __call__(self, ctx: DenoiseContext, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.guard is not None:
-            return self.guard.run_step(self, ctx, latents, timestep)
         return self.forward(ctx, latents, timestep)
-
-    def begin_steps(self) -> None:
-        """Before a sampling loop: forget checks left over from an interrupted one."""
-        if self.guard is not None:
-            self.guard.begin_steps()
-
-    def finish_steps(self) -> None:
-        """After the last step: the guard reads the check it left pending (may raise ``StepOverflow``)."""
-        if self.guard is not None:
-            self.guard.finish_steps()

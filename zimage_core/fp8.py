@@ -4,7 +4,7 @@ Plain casting to e4m3 loses the small weights of a checkpoint to the subnormal r
 normal is 2**-6); scaling each output row so that its largest weight maps to 448 keeps 3 mantissa bits
 for every row. ``FP8Linear`` dequantizes to the compute dtype for the matrix multiply, or, where the GPU
 has fp8 tensor cores (compute capability 8.9+), multiplies in fp8 through ``torch._scaled_mm`` with a
-row-wise scale for the activations too.
+row-wise scale for the activations too (``fp8_linear``, the one fp8 matmul path of the package).
 """
 
 from __future__ import annotations
@@ -34,6 +34,33 @@ def scaled_mm_available(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+               matmul: bool) -> torch.Tensor:
+    """``x @ (weight * scale).T + bias`` for an fp8 weight with per-row fp32 ``scale`` [out, 1] (or a scalar).
+
+    With ``matmul`` the product runs on fp8 tensor cores (``torch._scaled_mm``, e4m3 only) with a per-row scale
+    for the activations too; otherwise the weight is dequantized to ``x``'s dtype. The one fp8 matmul path.
+    """
+    if scale is None:
+        scale = torch.ones((), dtype=torch.float32, device=weight.device)
+    if matmul and weight.dtype == torch.float8_e4m3fn:
+        shape = x.shape
+        x8, x_scale = quantize_activation_rowwise(x.reshape(-1, shape[-1]))
+        w_scale = scale.float().expand(weight.shape[0], 1) if scale.numel() == 1 else scale.float()
+        out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
+                               bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
+        return out.reshape(*shape[:-1], weight.shape[0]).to(x.dtype)
+    w = (weight.float() * scale.float()).to(x.dtype)
+    return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
+
+
 class FP8Linear(nn.Module):
     """A bias-optional linear layer whose weight is stored as e4m3 with per-row fp32 scales."""
 
@@ -48,7 +75,6 @@ class FP8Linear(nn.Module):
                                          requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
                                  requires_grad=False) if bias else None
-        self.fp8_matmul = False  # set by the speed options where scaled_mm_available()
 
     @classmethod
     def like(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> "FP8Linear":
@@ -64,19 +90,7 @@ class FP8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_matmul and x.is_cuda:
-            return self._forward_scaled_mm(x)
-        x = x.to(self.compute_dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x8, x_scale = quantize_activation_rowwise(x.reshape(-1, shape[-1]))
-        out = torch._scaled_mm(
-            x8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.t(), bias=self.bias,
-            out_dtype=self.compute_dtype if self.compute_dtype != torch.float32 else torch.bfloat16,
-        )
-        return out.reshape(*shape[:-1], self.out_features).to(self.compute_dtype)
+        return fp8_linear(x.to(self.compute_dtype), self.weight, self.weight_scale, self.bias, matmul=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 e4m3 rowwise"

@@ -13,26 +13,27 @@ NaN. The guard watches the transformer's blocks, the text encoder's layers and t
 Cost when nothing overflows: one ``isfinite`` reduction and one host sync per step (and one per prompt
 encode and per decode); the blocks run unchanged. A step's check is read one step late, behind a CUDA event,
 once the next step is queued, so the GPU never waits for the host (a check read at once cost about 1% of the
-run on an H100: ``benchmarks/results/guard_h100.json``). When a step comes out non-finite, the sampler runs it
-again (``StepOverflow``), block by block with a check after each block, and each overflowing block is
+run on an H100: ``benchmarks/results/guard_h100.json``). When a step comes out non-finite, the guard's step runner
+(``run_steps``, which every sampler loop goes through) runs it again, block by block with a check after each block, and each overflowing block is
 recomputed from its (finite) input in the higher precision: never a full fp32 model.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from diffusers.hooks import HookRegistry, ModelHook
+
 from .dtypes import device_supports, dtype_name
-from .denoiser import transformer_blocks
 from .errors import ZImageError
+from .weights import WeightOwner, transformer_blocks
 
 log = logging.getLogger("zimage_core")
-POLICIES = ("off", "detect", "auto", "clamp")
+from .options import GUARD_POLICIES as POLICIES
 FP16_MAX = 65504.0
 
 
@@ -41,8 +42,8 @@ class PrecisionOverflow(ZImageError):
 
 
 class StepOverflow(Exception):
-    """Control flow, not an error: sampling step ``step`` came out non-finite, so the sampler runs it again
-    from its input latents, and the guard probes that run block by block."""
+    """Control flow, not an error: sampling step ``step`` came out non-finite, so the guard's step runner
+    (``PrecisionGuard.run_steps``) runs it again from its input state, probing block by block."""
 
     def __init__(self, step: int):
         super().__init__(step)
@@ -119,6 +120,20 @@ def guarded_blocks(component: str, model: nn.Module) -> dict[str, nn.Module]:
     return {n: model.get_submodule(n) for n in names}
 
 
+_HOOK = "zimage_precision_guard"
+
+
+class _BlockHook(ModelHook):
+    """diffusers hook on one guarded block: the guard decides how the block runs (plain, sticky copy, repaired)."""
+
+    def __init__(self, guard: "PrecisionGuard", component: str, name: str):
+        super().__init__()
+        self.guard, self.component, self.name = guard, component, name
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.guard._run(self.component, self.name, module, self.fn_ref.original_forward, args, kwargs)
+
+
 class PrecisionGuard:
     """One policy applied to the three models of a ``ZImage``; see the module docstring."""
 
@@ -140,40 +155,28 @@ class PrecisionGuard:
         self._handles: list = []
 
     # ------------------------------------------------------------------ wiring
-    def attach(self, zimage) -> "PrecisionGuard":
-        """Wrap the blocks of the three models and hook the guard into the pipeline."""
-        for component, model in (("transformer", zimage.transformer), ("text_encoder", zimage.text_encoder),
-                                 ("vae", zimage.vae)):
+    def attach(self, models: dict[str, nn.Module]) -> "PrecisionGuard":
+        """Hook the blocks of the models (component name -> model); the pipeline hands the guard to the denoiser,
+        the prompt encoder and the decoder itself."""
+        for component, model in models.items():
             self._models[component] = model
             if self.policy in ("detect", "auto"):
                 for name, module in guarded_blocks(component, model).items():
-                    self._wrap(component, name, module)
+                    registry = HookRegistry.check_if_exists_or_initialize(module)
+                    registry.register_hook(_BlockHook(self, component, name), _HOOK)
             elif self.policy == "clamp":
                 self._install_clamps(component, model)
-        zimage.denoiser.guard = self
-        zimage.prompt_encoder.guard = self
-        zimage.guard = self
         return self
 
     def detach(self) -> None:
-        """Unwrap the blocks. Sticky choices stay on the models for the next guard that attaches."""
-        for model in self._models.values():
-            for module in model.modules():
-                if "_zimage_guard" in module.__dict__:
-                    del module.__dict__["forward"], module.__dict__["_zimage_guard"]
+        """Remove the hooks. Sticky choices stay with the models' weight owners for the next guard."""
+        for component, model in self._models.items():
+            if self.policy in ("detect", "auto"):
+                for module in guarded_blocks(component, model).values():
+                    HookRegistry.check_if_exists_or_initialize(module).remove_hook(_HOOK, recurse=False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _wrap(self, component: str, name: str, module: nn.Module) -> None:
-        original = type(module).forward.__get__(module)
-        guard = self
-
-        def forward(*args, **kwargs):
-            return guard._run(component, name, module, original, args, kwargs)
-
-        module.forward = forward
-        module._zimage_guard = (component, name)
 
     def _install_clamps(self, component: str, model: nn.Module) -> None:
         def clamp_output(_module, _args, output):
@@ -199,54 +202,44 @@ class PrecisionGuard:
             elif name in vae_blocks:
                 self._handles.append(module.register_forward_hook(clamp_output))
 
-    def wants_module_forward(self, block: nn.Module) -> bool:
-        """Whether a fast path must call this block's module forward (where the guard acts) this time."""
-        return self.policy == "clamp" or self.probing or "_zimage_hp_dtype" in block.__dict__
+    def _owner(self, component: str) -> WeightOwner:
+        return WeightOwner.of(self._models[component])
 
-    def sticky_copy(self, block: nn.Module) -> nn.Module | None:
+    def wants_module_forward(self, component: str, name: str) -> bool:
+        """Whether a fast path must call this block's module forward (where the guard acts) this time."""
+        return self.policy == "clamp" or self.probing or name in self._owner(component).sticky
+
+    def sticky_copy(self, component: str, name: str) -> nn.Module | None:
         """The higher-precision copy a fast path may run itself for a sticky block outside a probe (no check is
         needed there: an overflow on the way back shows in the step's check and starts a probe)."""
-        dtype = block.__dict__.get("_zimage_hp_dtype")
+        owner = self._owner(component)
+        dtype = owner.sticky.get(name)
         if dtype is None or self.probing or self.policy == "clamp":
             return None
-        return self._high_precision_copy(block, dtype)
+        return owner.high_precision_copy(name, guarded_blocks(component, owner.model)[name], dtype)
 
-    # ------------------------------------------------------------------ the block wrapper
+    # ------------------------------------------------------------------ the block hook
     def _run(self, component, name, module, original, args, kwargs):
-        hp_dtype = module.__dict__.get("_zimage_hp_dtype")
+        hp_dtype = self._owner(component).sticky.get(name)
         if hp_dtype is not None:
-            out = self._run_high_precision(module, hp_dtype, args, kwargs)
+            out = self._run_high_precision(component, name, module, hp_dtype, args, kwargs)
         else:
             out = original(*args, **kwargs)
         if self.probing and self.policy in ("detect", "auto") and not _finite(out):
             out = self._repair(component, name, module, args, kwargs, tried=hp_dtype)
         return out
 
-    def _high_precision_copy(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
-        copies = module.__dict__.setdefault("_zimage_hp_copies", {})
-        if dtype not in copies:
-            clone = copy.deepcopy(module)
-            for sub in clone.modules():  # the copy runs its class's forward, not the guard's wrapper
-                for attr in ("forward", "_zimage_guard", "_zimage_hp_dtype", "_zimage_hp_copies", "_zimage_fused"):
-                    sub.__dict__.pop(attr, None)
-            clone.to(dtype)
-            for sub in clone.modules():
-                if hasattr(sub, "compute_dtype"):
-                    sub.compute_dtype = dtype
-            copies[dtype] = clone
-        return copies[dtype]
-
-    def _run_high_precision(self, module, dtype, args, kwargs):
+    def _run_high_precision(self, component, name, module, dtype, args, kwargs):
         first = _first_tensor(args[0] if args else next(iter(kwargs.values())))
         out_dtype = first.dtype if first is not None else dtype
-        clone = self._high_precision_copy(module, dtype)
+        clone = self._owner(component).high_precision_copy(name, module, dtype)
         out = clone(*_cast(args, dtype), **_cast(kwargs, dtype))
         back = _cast(out, out_dtype)
         # Checked only while probing: outside, a check here would be a host sync per block (and would break
         # CUDA-graph capture); an overflow on the way back shows in the step's output and starts a probe.
         if self.probing and _finite(out) and not _finite(back):
             raise ZImageError(
-                f"{self.component or 'model'} block {module._zimage_guard[1]} produces values beyond fp16's range "
+                f"{self.component or 'model'} block {name} produces values beyond fp16's range "
                 f"(65504) even in {dtype_name(dtype)}: fp16 can't hold this model's activations here. "
                 "Use bf16 or fp32 compute for this component."
             )
@@ -266,9 +259,9 @@ class PrecisionGuard:
         else:
             order = [torch.float32] if tried != torch.float32 else []
         for dtype in order:
-            out = self._run_high_precision(module, dtype, args, kwargs)
+            out = self._run_high_precision(component, name, module, dtype, args, kwargs)
             if _finite(out):
-                module._zimage_hp_dtype = dtype
+                self._owner(component).set_sticky(name, dtype)
                 action = "fell back" if tried is None else "escalated"
                 self.events.append(GuardEvent(component, name, step, action, dtype_name(dtype)))
                 log.info("precision guard: %s %s %s to %s", component, name, action, dtype_name(dtype))
@@ -305,30 +298,46 @@ class PrecisionGuard:
             )
         return out
 
-    # ------------------------------------------------------------------ sampling steps, checked one step late
-    def begin_steps(self) -> None:
+    # ------------------------------------------------------------------ the step runner
+    def run_steps(self, steps: int, one_step, state):
+        """Run ``state = one_step(i, state)`` for i in 0..steps-1. Each transformer call goes through ``call``,
+        which reads the previous step's check once this step is queued; a step found non-finite is run again
+        from the state it started from, probing block by block (``_probe``). Any sampler written as
+        ``one_step`` gets this without knowing about it."""
         self._pending, self._probe_next = None, False
+        starts: dict = {}  # the states the last two steps started from
+        i = 0
+        while i < steps:
+            starts = {k: v for k, v in starts.items() if k == i - 1}
+            starts[i] = state
+            self.step = i
+            try:
+                new_state = one_step(i, state)
+                if i == steps - 1 and self._pending is not None:
+                    pending, self._pending = self._pending, None
+                    self._settle(pending)  # the last step's check, read after the loop's last call
+            except StepOverflow as redo:
+                i, state = redo.step, starts[redo.step]
+                continue
+            state = new_state
+            i += 1
+        self.step = None
+        return state
 
-    def run_step(self, denoiser, ctx, latents, timestep):
-        """The transformer call of one step. Its finiteness flag stays on the device; the previous step's flag
-        is read now that this step is queued, and raises ``StepOverflow`` if that step was not finite."""
-        self.step = denoiser.step_index
+    def call(self, fn, *args):
+        """The transformer call of the current step, ``fn(*args)``: its finiteness flag stays on the device and is
+        read one call later (behind a CUDA event, so the GPU never waits for the host)."""
         self.component = "transformer"
         if self.policy not in ("detect", "auto"):
-            return denoiser.forward(ctx, latents, timestep)
+            return fn(*args)
         if self._probe_next:
             self._probe_next = False
-            return self._probe("transformer", denoiser.forward, (ctx, latents, timestep))
-        out = denoiser.forward(ctx, latents, timestep)
+            return self._probe("transformer", fn, args)
+        out = fn(*args)
         previous, self._pending = self._pending, (self.step, *_flag_to_host(torch.isfinite(out).all()))
         if previous is not None:
             self._settle(previous)
         return out
-
-    def finish_steps(self) -> None:
-        """Read the last step's flag (the sampler calls this after its last step)."""
-        if self._pending is not None:
-            self._settle(self._pending)
 
     def _settle(self, pending) -> None:
         step, flag, ready = pending
@@ -344,11 +353,10 @@ class PrecisionGuard:
         self.events = []
 
     def sticky(self) -> dict[str, dict[str, str]]:
-        """Blocks that run in higher precision, per component: persists on the model across runs."""
+        """Blocks that run in higher precision, per component: kept by the models' weight owners across runs."""
         out = {}
-        for component, model in self._models.items():
-            blocks = {name: dtype_name(m.__dict__["_zimage_hp_dtype"])
-                      for name, m in guarded_blocks(component, model).items() if "_zimage_hp_dtype" in m.__dict__}
+        for component in self._models:
+            blocks = {name: dtype_name(d) for name, d in self._owner(component).sticky.items()}
             if blocks:
                 out[component] = blocks
         return out

@@ -22,26 +22,24 @@ import torch
 import torch.nn as nn
 from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
 
-from .denoiser import transformer_blocks
 from .errors import ZImageError
+from .weights import TransformerWeights, transformer_blocks
 
 log = logging.getLogger("zimage_core")
-OFFLOAD_MODES = ("none", "model", "sequential")
+from .options import OFFLOAD_MODES
 
 
-def module_tensors(module: nn.Module) -> list[torch.Tensor]:
-    """Parameters, buffers and the fast path's fused weights of a module (each tensor object once)."""
+def module_tensors(module: nn.Module, extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """Parameters and buffers of a module plus ``extra`` tensors (the fast path's fused weights), each once."""
     found = {}
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in [*module.parameters(), *module.buffers(), *extra]:
         found[id(t)] = t
-    for sub in module.modules():
-        fused = sub.__dict__.get("_zimage_fused")
-        if fused is not None:
-            for group in (fused.qkv, fused.w13):
-                for t in group:
-                    if t is not None:
-                        found[id(t)] = t
     return list(found.values())
+
+
+def fused_tensors(transformer: nn.Module, names=None) -> list[torch.Tensor]:
+    """The fused weights the weights' owner has made for the named blocks (all blocks by default)."""
+    return TransformerWeights.of(transformer).extra_tensors(names)
 
 
 class StorageSet:
@@ -127,14 +125,18 @@ class ComponentHook(ModelHook):
 class BlockStreamer:
     """Streams the named blocks in order: block i computes while block i+1 is copied in."""
 
-    def __init__(self, blocks: dict[str, nn.Module], device: torch.device, loop_from: str | None = None):
-        """``loop_from``: the block that follows the last one (the sampler runs the blocks once per step)."""
+    def __init__(self, blocks: dict[str, nn.Module], device: torch.device, loop_from: str | None = None,
+                 extra: dict[str, list[torch.Tensor]] | None = None):
+        """``loop_from``: the block that follows the last one (the sampler runs the blocks once per step);
+        ``extra``: more tensors per block (the fused weights)."""
         self.device = device
         names = list(blocks)
         self.next = dict(zip(names, names[1:]))
         if loop_from is not None:
             self.next[names[-1]] = loop_from
-        self.sets = {name: StorageSet(module_tensors(m), pin=device.type == "cuda") for name, m in blocks.items()}
+        extra = extra or {}
+        self.sets = {name: StorageSet(module_tensors(m, extra.get(name, ())), pin=device.type == "cuda")
+                     for name, m in blocks.items()}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.hooks = []
         for name, module in blocks.items():
@@ -162,8 +164,8 @@ class BlockStreamer:
             h.remove()
 
 
-def _rest_of(module: nn.Module, streamed: list[nn.Module]) -> list[torch.Tensor]:
-    inside = {id(t) for m in streamed for t in module_tensors(m)}
+def _rest_of(module: nn.Module, streamed: list[nn.Module], extra=()) -> list[torch.Tensor]:
+    inside = {id(t) for m in streamed for t in module_tensors(m)} | {id(t) for t in extra}
     return [t for t in module_tensors(module) if id(t) not in inside]
 
 
@@ -171,10 +173,10 @@ def _on(t: torch.Tensor, device: torch.device) -> bool:
     return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index))
 
 
-def place(module: nn.Module, device: torch.device) -> None:
-    """Put every tensor of ``module`` (fused weights included) on ``device``, keeping shared storages shared."""
+def place(module: nn.Module, device: torch.device, extra=()) -> None:
+    """Put every tensor of ``module`` (and ``extra``: fused weights) on ``device``, keeping shared storages shared."""
     device = torch.device(device)
-    tensors = module_tensors(module)
+    tensors = module_tensors(module, extra)
     if all(_on(t, device) for t in tensors):
         return
     moved = StorageSet(tensors, pin=False)  # points everything at CPU copies first
@@ -190,6 +192,14 @@ class Offloader:
         self.mode = "none"
         self.hooks: dict[str, ComponentHook] = {}
         self.streamers: list[BlockStreamer] = []
+        self.layout = None  # the weights' owner layout the hooks were made for
+
+    @property
+    def transformer_streamer(self) -> "BlockStreamer | None":
+        return self.streamers[0] if self.streamers else None
+
+    def _extra(self, component: str) -> list[torch.Tensor]:
+        return fused_tensors(self.zimage.transformer) if component == "transformer" else []
 
     def apply(self, mode: str) -> None:
         if mode not in OFFLOAD_MODES:
@@ -204,21 +214,22 @@ class Offloader:
             previous = None
             for name in ("text_encoder", "transformer", "vae"):
                 model = getattr(z, name)
-                hook = ComponentHook(StorageSet(module_tensors(model), pin), device, previous)
+                hook = ComponentHook(StorageSet(module_tensors(model, self._extra(name)), pin), device, previous)
                 add_hook_to_module(model, hook)
                 hook.offload()
                 self.hooks[name] = previous = hook
         elif mode == "sequential":
             blocks = transformer_blocks(z.transformer)
-            self.streamers.append(BlockStreamer(blocks, device, loop_from="noise_refiner.0"))
-            z.denoiser.streamer = self.streamers[0]
+            extra = {name: fused_tensors(z.transformer, [name]) for name in blocks}
+            self.streamers.append(BlockStreamer(blocks, device, loop_from="noise_refiner.0", extra=extra))
             layers = {f"layers.{i}": layer for i, layer in enumerate(z.text_encoder.layers)}
             self.streamers.append(BlockStreamer(layers, device))
             for s in self.streamers:
                 s.drop_all()
             # Everything outside the streamed blocks is small (embedders, final layer, the VAE) and moves whole.
             te_rest = StorageSet(_rest_of(z.text_encoder, list(layers.values())), pin)
-            tr_rest = StorageSet(_rest_of(z.transformer, list(blocks.values())), pin)
+            tr_rest = StorageSet(_rest_of(z.transformer, list(blocks.values()), [t for e in extra.values() for t in e]),
+                                 pin)
             te_hook = ComponentHook(te_rest, device)
             tr_hook = ComponentHook(tr_rest, device, te_hook)
             vae_hook = ComponentHook(StorageSet(module_tensors(z.vae), pin), device, tr_hook)
@@ -227,11 +238,21 @@ class Offloader:
                 add_hook_to_module(model, hook)
                 hook.offload()
                 self.hooks[name] = hook
+        self.layout = TransformerWeights.of(z.transformer).layout
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def refresh(self) -> None:
+        """When the weights' owner made new tensors since the hooks were set up (fused or re-fused weights), set
+        the current mode up again so that they move with the rest."""
+        if self.mode != "none" and TransformerWeights.of(self.zimage.transformer).layout != self.layout:
+            mode = self.mode
+            self.detach()
+            self.apply(mode)
+
     def before(self, component: str) -> None:
         """Bring a component in where no forward call does it (the fast path calls the blocks directly)."""
+        self.refresh()
         hook = self.hooks.get(component)
         if hook is not None:
             hook.pre_forward(getattr(self.zimage, component))
@@ -250,7 +271,6 @@ class Offloader:
             remove_hook_from_module(getattr(z, name))
         for s in self.streamers:
             s.remove()
-        z.denoiser.streamer = None
         self.hooks.clear()
         self.streamers.clear()
         self.mode = "none"
@@ -265,7 +285,6 @@ class Offloader:
             s.remove()
             for st in s.sets.values():
                 st.load(z.device)
-        z.denoiser.streamer = None
         self.hooks.clear()
         self.streamers.clear()
         self.mode = "none"

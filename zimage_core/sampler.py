@@ -1,13 +1,16 @@
-"""The flow-matching Euler sampler of Z-Image-Turbo.
+"""The sampling loop of Z-Image-Turbo: a plain loop over sigmas.
 
-Sigmas: ``s = linspace(1, 1/N, N)``, shifted ``3s / (1 + 2s)``, then 0, in float32 exactly as diffusers'
-``FlowMatchEulerDiscreteScheduler`` computes them. Each step calls the transformer at timestep
-``1 - sigma``, negates its output and takes an Euler step ``x += (sigma_next - sigma) * (-out)``; the
-latents stay float32 between steps. Noise and ``denoise`` mean what they mean in ComfyUI's KSampler.
+Sigmas: ComfyUI's KSampler + ``simple`` + ModelSamplingAuraFlow(3) by default (``schedules.py``; equal to
+diffusers' at 8 steps). Each step calls the transformer at timestep
+``1 - sigma`` and negates its output (the flow velocity); a step method of ``samplers.py`` turns it into the next
+latents (Euler: ``x += (sigma_next - sigma) * v``), which stay float32 between steps. Noise and ``denoise``
+mean what they mean in ComfyUI's KSampler. A step runner runs the steps: ``PlainSteps`` here, or the precision
+guard, which runs an overflowing step again; the loop itself knows nothing of either.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,11 +18,9 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import GenerationCancelled, ZImageError
-from .guard import StepOverflow
+from . import samplers, schedules
 
-LATENT_CHANNELS = 16
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 8192, 16  # 8192 px = 512 patches of 16 px: the RoPE table's length
-MIN_STEPS, MAX_STEPS = 1, 100
+from .options import LATENT_CHANNELS, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS, SIZE_MULTIPLE
 
 
 def check_size(width: int, height: int) -> None:
@@ -40,22 +41,6 @@ def check_steps(steps: int) -> None:
         raise ZImageError(f"steps {steps!r} is out of range: use {MIN_STEPS}..{MAX_STEPS} (Z-Image-Turbo is made for 8).")
 
 
-def flow_sigmas(steps: int, shift: float = 3.0, denoise: float = 1.0) -> torch.Tensor:
-    """The ``steps + 1`` sigmas of a run, float32, ending in 0.
-
-    With ``denoise < 1`` the schedule is that of ``int(steps / denoise)`` steps, of which the last
-    ``steps`` are run (ComfyUI's KSampler rule), so img2img starts part-way down the same curve.
-    """
-    check_steps(steps)
-    if not 0.0 < denoise <= 1.0:
-        raise ZImageError(f"denoise {denoise!r} is out of range: use a value in (0, 1]; 1 starts from pure noise.")
-    total = steps if denoise >= 0.9999 else int(steps / denoise)
-    s = torch.linspace(1.0, 1.0 / total, total, dtype=torch.float32)
-    s = shift * s / (1 + (shift - 1) * s)
-    sigmas = torch.cat([s, torch.zeros(1)])
-    return sigmas[-(steps + 1):]
-
-
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """ComfyUI's KSampler noise: ``torch.manual_seed(seed); torch.randn(shape)``, float32 on the CPU."""
     if not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -69,10 +54,42 @@ class StepInfo:
     step: int  # 0-based index of the step just finished
     total: int
     sigma: float
-    latents: torch.Tensor
+    latents: torch.Tensor  # the latents after this step (model space, float32)
+    denoised: torch.Tensor | None = None  # this step's prediction of the clean latents (for previews)
 
 
 StepCallback = Callable[[StepInfo], "bool | None"]
+
+
+class _Method:
+    """A step method of ``samplers.py`` as the loop uses it: a state that a rewound step can go back to."""
+
+    def __init__(self, name: str):
+        self.prototype = samplers.new(name)
+
+    def initial_state(self):
+        return copy.deepcopy(self.prototype)
+
+    def step(self, x, denoised, sigma, sigma_next, state):
+        state = copy.copy(state)  # never change a state the runner may rewind to
+        return state.step(x, denoised, sigma, sigma_next), state
+
+
+class PlainSteps:
+    """The step runner without a precision guard: each step once, each transformer call as it is."""
+
+    def run_steps(self, steps: int, one_step, state):
+        for i in range(steps):
+            state = one_step(i, state)
+        return state
+
+    def call(self, fn, *args):
+        return fn(*args)
+
+
+def _velocity(out: torch.Tensor) -> torch.Tensor:
+    """The flow velocity of a transformer output: Z-Image predicts its negative."""
+    return -out.float()
 
 
 @torch.no_grad()
@@ -89,15 +106,20 @@ def sample(
     denoise: float = 1.0,
     init_latents: torch.Tensor | None = None,
     shift: float = 3.0,
+    sampler: str = "euler",
+    schedule: str = "ksampler",
+    runner=None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Final latents in model space (before the VAE un-scaling), float32 ``[B, 16, H/8, W/8]`` on the CPU.
 
     ``cap_feats`` has one embedding per image. ``guidance`` uses diffusers' convention
     ``pred = pos + g * (pos - neg)`` (ComfyUI's cfg is ``g + 1``); 0 turns it off, as Turbo wants.
-    ``init_latents`` (model space) with ``denoise < 1`` is img2img. ``callback`` runs after every step;
-    returning ``False`` cancels with ``GenerationCancelled``. Under the precision guard a step that comes
-    out non-finite is found one step later and run again, so the callback then sees that step once more.
+    ``init_latents`` (model space) with ``denoise < 1`` is img2img. ``sampler`` is a step method of
+    ``samplers.SAMPLERS``; ``schedule`` one of ``schedules.SCHEDULES`` (ComfyUI's KSampler + simple + shift by
+    default, equal to diffusers' at 8 steps). ``runner`` runs the steps (``PlainSteps``, or the precision guard, which runs an
+    overflowing step again; the callback then sees that step once more). ``callback`` runs after every step;
+    returning ``False`` cancels with ``GenerationCancelled``.
     """
     check_size(width, height)
     batch = len(cap_feats)
@@ -105,8 +127,9 @@ def sample(
         raise ZImageError("no prompt embeddings given: the batch needs at least one.")
     if guidance < 0:
         raise ZImageError(f"guidance {guidance} is negative: use 0 (off, for Turbo) or a positive value.")
+    method = _Method(sampler)
     shape = (batch, LATENT_CHANNELS, height // 8, width // 8)
-    sigmas = flow_sigmas(steps, shift, denoise)
+    sigmas = schedules.sigmas_for(schedule, steps, shift, denoise)
     noise = initial_noise(seed, shape)
     if init_latents is not None:
         init_latents = init_latents.float().cpu()
@@ -131,33 +154,38 @@ def sample(
         ctx = denoiser.prepare(list(cap_feats))
 
     device = denoiser.device
-    latents = latents.to(device)
     sigmas_dev = sigmas.to(device)
-    denoiser.begin_steps()
-    starts: dict[int, torch.Tensor] = {}  # the latents each of the last two steps started from
-    i = 0
-    while i < steps:
-        starts = {k: v for k, v in starts.items() if k == i - 1}
-        starts[i] = latents
-        sigma, sigma_next = sigmas_dev[i], sigmas_dev[i + 1]
-        t = sigma * 1000.0  # the scheduler's timestep, then the pipeline's (1000 - t) / 1000
+    runner = runner or PlainSteps()
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        t = sigmas_dev[i] * 1000.0  # the scheduler's timestep, then the pipeline's (1000 - t) / 1000
         timestep = (1000.0 - t.expand(batch)) / 1000.0
-        denoiser.step_index = i
-        try:
-            if use_cfg:
-                out = denoiser(ctx, latents.repeat(2, 1, 1, 1), timestep.repeat(2)).float()
-                pos, neg = out[:batch], out[batch:]
-                pred = pos + guidance * (pos - neg)
-            else:
-                pred = denoiser(ctx, latents, timestep).float()
-            if i == steps - 1:
-                denoiser.finish_steps()
-        except StepOverflow as redo:  # the precision guard found step redo.step non-finite: run it again
-            i, latents = redo.step, starts[redo.step]
-            continue
-        latents = latents + (sigma_next - sigma) * (-pred)
-        if callback is not None and callback(StepInfo(i, steps, float(sigmas[i]), latents)) is False:
+        if not use_cfg:
+            return _velocity(runner.call(denoiser, ctx, x, timestep))
+        out = _velocity(runner.call(denoiser, ctx, x.repeat(2, 1, 1, 1), timestep.repeat(2)))
+        pos, neg = out[:batch], out[batch:]
+        return pos + guidance * (pos - neg)
+
+    finite: dict[int, torch.Tensor] = {}  # step -> flag on the device: no host sync until the end
+
+    def one_step(i: int, state):
+        x, method_state = state
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]  # CPU scalars: no host sync per step
+        v = velocity(x, i)
+        denoised = x - v * sigma  # ComfyUI's CONST.calculate_denoised, rounded as it rounds
+        x_next, method_state = method.step(x, denoised, sigma, sigma_next, method_state)
+        finite[i] = torch.isfinite(x_next).all()
+        if callback is not None and callback(StepInfo(i, steps, float(sigmas[i]), x_next, denoised)) is False:
             raise GenerationCancelled(f"cancelled after step {i + 1} of {steps}")
-        i += 1
-    denoiser.step_index = None
+        return x_next, method_state
+
+    latents, _ = runner.run_steps(steps, one_step, (latents.to(device), method.initial_state()))
+    flags = torch.stack([finite[i] for i in range(steps)]).cpu()
+    if not bool(flags.all()):
+        first = int((~flags).nonzero()[0])
+        raise ZImageError(
+            f"the latents became NaN/inf at step {first + 1} of {steps} (transformer): the result would be a black "
+            "image. Causes: fp16 overflow (set the precision guard to auto or detect, or use bf16/fp32), NaN weights "
+            "in the checkpoint, or an extreme guidance value."
+        )
     return latents.cpu()

@@ -1,0 +1,126 @@
+"""The maths of one Z-Image transformer block, on a view of its weights rather than on a module class.
+
+``block_forward`` is what the fast path runs (eagerly or compiled) for every noise-refiner and main block. It
+takes a ``BlockWeights`` view, so the same code runs
+
+- diffusers' ``ZImageTransformer2DModel`` (``to_q``/``to_k``/``to_v``, ``to_out.0``, ``norm_q``/``norm_k``), whose
+  q/k/v the weight owner (``weights.TransformerWeights``) fuses into one matrix, and
+- the original checkpoint layout that ComfyUI's own Z-Image model (its ``NextDiT``) keeps: fused
+  ``attention.qkv``, ``attention.out``, ``feed_forward.w1/w2/w3``, ``adaLN_modulation.0``, ``q_norm``/``k_norm``.
+
+Both views are read from the modules at call time by duck typing; nothing here imports ComfyUI. Weights may be
+stored in another dtype than the computation (bf16 storage under fp32 compute, say): they are cast at use. fp8
+weights carry a per-row fp32 scale and multiply in fp8 where the caller asks for it (``fp8.fp8_linear``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .attention import attention
+from .fp8 import fp8_linear, is_fp8
+
+
+class Linear(NamedTuple):
+    weight: torch.Tensor  # [out, in]: float, or fp8 with ``scale``
+    scale: torch.Tensor | None  # fp32 [out, 1] for fp8 weights
+    bias: torch.Tensor | None
+
+
+class BlockWeights(NamedTuple):
+    modulation: Linear | None  # adaLN linear; None for the caption refiner's unmodulated blocks
+    norms: tuple  # attention_norm1, attention_norm2, ffn_norm1, ffn_norm2, q norm, k norm weights
+    qkv: Linear  # q, k and v rows in one matrix [3 * dim, dim]
+    out: Linear
+    ffn: Linear | tuple  # w1 and w3 fused in one matrix, or (w1, w3) as two matrix multiplies
+    w2: Linear
+
+
+class BlockShape(NamedTuple):
+    heads: int
+    eps: float  # the block norms' epsilon
+    qk_eps: float  # the q/k norms' epsilon (diffusers: 1e-5; ComfyUI: float32's machine epsilon)
+
+
+def linear_of(module) -> Linear:
+    """The ``Linear`` view of an ``nn.Linear``-like module (fp8 ones carry ``weight_scale``)."""
+    return Linear(module.weight, getattr(module, "weight_scale", None), module.bias)
+
+
+def original_block_weights(block) -> BlockWeights:
+    """The view of a block in the original checkpoint layout (ComfyUI's ``JointTransformerBlock``), read now."""
+    attn, ffn = block.attention, block.feed_forward
+    modulation = linear_of(block.adaLN_modulation[-1]) if getattr(block, "modulation", False) else None
+    norms = (block.attention_norm1.weight, block.attention_norm2.weight, block.ffn_norm1.weight,
+             block.ffn_norm2.weight, attn.q_norm.weight, attn.k_norm.weight)
+    return BlockWeights(modulation, norms, linear_of(attn.qkv), linear_of(attn.out),
+                        (linear_of(ffn.w1), linear_of(ffn.w3)), linear_of(ffn.w2))
+
+
+def original_block_shape(block) -> BlockShape:
+    attn = block.attention
+    eps = block.attention_norm1.eps
+    qk_eps = attn.q_norm.eps if attn.q_norm.eps is not None else torch.finfo(torch.float32).eps
+    return BlockShape(attn.n_local_heads, float(eps), float(qk_eps))
+
+
+def _linear(x: torch.Tensor, lin: Linear, fp8_matmul: bool) -> torch.Tensor:
+    weight, scale, bias = lin
+    if is_fp8(weight):
+        return fp8_linear(x, weight, scale, bias, fp8_matmul)
+    if weight.dtype != x.dtype:  # storage dtype other than the compute dtype: cast at use
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
+    return F.linear(x, weight, bias)
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """diffusers' RMSNorm: statistics in fp32, cast to the compute dtype, then scaled."""
+    if weight.dtype != x.dtype:
+        weight = weight.to(x.dtype)
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(weight.dtype) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Complex multiplication by (cos + i sin) on interleaved pairs, in fp32 like the reference."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: BlockShape, fp8_matmul: bool,
+                  backend: str = "auto"):
+    """One Z-Image transformer block: ``x`` [B, S, dim], ``cos``/``sin`` [B, S, 1, head_dim / 2] in fp32,
+    ``attn_mask`` None or bool [B, 1, 1, S], ``adaln`` [B, 256] (ignored for unmodulated blocks)."""
+    modulation, norms, qkv_w, out_w, ffn_w, w2_w = weights
+    heads, eps, qk_eps = shape
+    n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
+    if modulation is not None:
+        mod = _linear(adaln, modulation, False).unsqueeze(1)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
+        scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
+        gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
+        h = rms(x, n_attn1, eps) * scale_msa
+    else:
+        h = rms(x, n_attn1, eps)
+    batch, seq, dim = x.shape
+    q, k, v = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads).unbind(2)
+    q = rope(rms(q, n_q, qk_eps), cos, sin)
+    k = rope(rms(k, n_k, qk_eps), cos, sin)
+    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
+    o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
+    o = rms(o, n_attn2, eps)
+    x = x + gate_msa * o if modulation is not None else x + o
+    h = rms(x, n_ffn1, eps)
+    h = h * scale_mlp if modulation is not None else h
+    if isinstance(ffn_w, Linear):
+        g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
+    else:
+        g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
+    f = rms(_linear(F.silu(g1) * g3, w2_w, fp8_matmul), n_ffn2, eps)
+    return x + gate_mlp * f if modulation is not None else x + f
