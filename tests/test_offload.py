@@ -1,5 +1,7 @@
 """Offload modes move the weights as specified: checked on the CPU, where "the device" is a second copy."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,16 +105,22 @@ def test_switching_modes_reloads_nothing(offloadable):
 def test_loading_again_reuses_what_did_not_change(tiny_dir):
     from zimage_core.loading import clear_cache
 
+    def files_read(z):
+        return sorted(Path(s.source).name for s in z.sources["load_stats"])
+
     clear_cache()
     a = ZImage.load(tiny_dir, device="cpu", dtype="fp32", reuse=True)
+    assert files_read(a) == ["text_encoder", "transformer", "vae"]
     b = ZImage.load(tiny_dir, device="cpu", dtype="fp32", offload="model", reuse=True)  # nothing re-read
+    assert files_read(b) == []
     assert b.transformer is a.transformer and b.text_encoder is a.text_encoder and b.vae is a.vae
     assert a.offloader.hooks == {} and b.offloader.mode == "model"  # the old owner let go of its hooks
     c = ZImage.load(tiny_dir, device="cpu", dtype="fp32", overrides={"transformer": ("fp8", None)}, reuse=True)
+    assert files_read(c) == ["transformer"]  # only the part whose dtype changed is read again
     assert c.transformer is not b.transformer and c.text_encoder is b.text_encoder and c.vae is b.vae
     assert c.offloader.mode == "none" and not hasattr(c.text_encoder, "_hf_hook")
     expected = ZImage.load(tiny_dir, device="cpu", dtype="fp32", reuse=False)
-    assert expected.text_encoder is not c.text_encoder
+    assert files_read(expected) == ["text_encoder", "transformer", "vae"]  # reuse=False reads everything
     got = c.generate("reuse", seed=1, width=64, height=64, decode=False).latents
     ref = ZImage.load(tiny_dir, device="cpu", dtype="fp32", storage=None, overrides={"transformer": ("fp8", None)},
                       reuse=False).generate("reuse", seed=1, width=64, height=64, decode=False).latents

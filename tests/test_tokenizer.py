@@ -44,7 +44,10 @@ def test_bundled_chat_template_is_not_used(tokenizer_dir):
     with_template = tok.apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
                                             add_generation_prompt=True)
     assert "system" in with_template
-    assert PromptTokenizer(tokenizer_dir)("a cat") != tok(with_template)["input_ids"]
+    ours = PromptTokenizer(tokenizer_dir)("a cat")
+    assert ours != tok(with_template)["input_ids"]
+    # what we use instead: the Z-Image template string, user turn only, no system prompt
+    assert ours == tok("<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS + ["x " * 700])

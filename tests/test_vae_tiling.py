@@ -81,7 +81,8 @@ def test_tiled_decode_equals_untiled(vae, shape, tile_size, overlap):
     out = decode_tiled(vae, z, tile_size=tile_size, overlap=overlap)
     assert out.shape == (shape[0], 3, 8 * shape[1], 8 * shape[2]) and out.dtype == z.dtype
     error = image_error(out, reference)
-    assert error <= TARGET and error <= EXACT, f"tiled decode differs from untiled by {error:.2e}"
+    # EXACT (float rounding) is far below the product's 2/255: the tiles are exact, not merely close enough.
+    assert error <= EXACT, f"tiled decode differs from untiled by {error:.2e} (rounding is ~1e-5)"
 
 
 def test_tiny_tiles_at_every_level_are_exact(vae):
