@@ -190,21 +190,24 @@ def _quant_task(inp: Path, out: Path) -> dict:
     from safetensors.torch import save_file
 
     results = {}
+    dtype = getattr(torch, (inp / "dtype.txt").read_text().strip()) if (inp / "dtype.txt").is_file() else torch.float32
     for path in sorted((inp / "models").glob("*.safetensors")):
         sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
         try:
-            patcher = tiny_native_model(sd, metadata=metadata)
+            patcher = tiny_native_model(sd, dtype=dtype, metadata=metadata)
         except Exception as err:  # noqa: BLE001 - a layout this ComfyUI cannot load is a result too
             results[path.stem] = {"error": f"{type(err).__name__}: {err}"}
             continue
         state = {}
         kinds = {}
+        dtypes = {}
         for name, module in patcher.model.diffusion_model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor):
                 continue
-            w, kind = _dequantized(module, weight)
-            state[f"{name}.weight"] = w.contiguous()
+            w, kind = _dequantized(module, weight, dtype)
+            dtypes[f"{name}.weight"] = str(w.dtype)
+            state[f"{name}.weight"] = w.float().contiguous()
             kinds[kind] = kinds.get(kind, 0) + 1
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
@@ -212,20 +215,28 @@ def _quant_task(inp: Path, out: Path) -> dict:
         for name, p in patcher.model.diffusion_model.named_parameters(recurse=False):
             state[name] = p.detach().float().contiguous().clone()
         save_file(state, str(out / f"{path.stem}.safetensors"))
-        results[path.stem] = {"kinds": kinds}
+        results[path.stem] = {"kinds": kinds, "dtypes": dtypes}
     return results
 
 
-def _dequantized(module, weight):
-    """(fp32 weight, how) as ComfyUI turns the stored weight into numbers: QuantizedTensor.dequantize() (mixed
+def _dequantized(module, weight, dtype):
+    """(weight, how) as ComfyUI turns the stored weight into numbers: QuantizedTensor.dequantize() (mixed
     precision layouts), the legacy scaled-fp8 layer's ``convert_weight`` (0.3.75), or a plain cast."""
     import torch
 
-    if type(weight).__name__ == "QuantizedTensor" or hasattr(weight, "dequantize") and hasattr(weight, "_layout_params"):
-        return weight.dequantize().float(), f"QuantizedTensor({weight.dtype})"
+    if type(weight).__name__ == "QuantizedTensor" or hasattr(weight, "_qdata"):
+        kind = f"QuantizedTensor({getattr(weight, '_qdata', weight).dtype})"
+        params = getattr(weight, "_params", None)
+        if params is not None and params.orig_dtype != dtype:
+            # on the CPU ComfyUI computes mixed-precision models in fp32; ask its layout for the requested dtype,
+            # as it dequantizes for a bf16 model on a GPU
+            import dataclasses
+
+            return weight.layout_cls.dequantize(weight._qdata, dataclasses.replace(params, orig_dtype=dtype)), kind
+        return weight.dequantize(), kind
     if getattr(module, "scale_weight", None) is not None and hasattr(module, "convert_weight"):
-        return module.convert_weight(weight.detach()).float(), f"scale_weight({weight.dtype})"
-    return weight.detach().float().clone(), str(weight.dtype)
+        return module.convert_weight(weight.detach()), f"scale_weight({weight.dtype})"
+    return weight.detach().clone(), str(weight.dtype)
 
 
 def main(task: str, root: Path, inp: Path, out: Path) -> None:

@@ -52,17 +52,20 @@ def identify(keys) -> tuple[str, str]:
     def has(fragment):
         return any(fragment in k for k in keys)
 
-    if has("lora_A") or has("lora_down") or has(".lora.") or has("lora_B"):
-        return "", "a LoRA (load it with a LoRA loader, not as a model)"
+    if any(re.search(r"\.(lora_[AB]|lora_(up|down)|lora\.(up|down)|hada_w[12]_[ab]|lokr_w[12](_[ab])?)(\.|$)|_lora\.(up|down)\.", k)
+           for k in keys):
+        return "", ("a LoRA (this is a LoRA: use the Z-Image Turbo LoRA node, or --lora FILE[:STRENGTH] on the "
+                    "command line, on a loaded model)")
+    quant = _quant_note(keys)
     if has("cap_embedder.") and has("x_pad_token"):
-        return "transformer", "a Z-Image transformer (original layout)"
+        return "transformer", f"a Z-Image transformer (original layout{quant})"
     if has("all_x_embedder.") and has("cap_embedder."):
-        return "transformer", "a Z-Image transformer (diffusers layout)"
+        return "transformer", f"a Z-Image transformer (diffusers layout{quant})"
     if has("cap_embedder.") or has("x_embedder."):
         if has("noise_refiner.") or has("context_refiner."):
             return "transformer", "a Lumina-family (NextDiT) transformer"
     if has("embed_tokens.weight") and has("self_attn.q_proj"):
-        return "text_encoder", "a Qwen/Llama-style text encoder"
+        return "text_encoder", f"a Qwen/Llama-style text encoder{quant.replace(', ', ' (', 1) + ')' if quant else ''}"
     if has("decoder.conv_in.weight") and (has("decoder.up.") or has("decoder.up_blocks.")):
         return "vae", "a VAE"
     if has("double_blocks.") or has("single_blocks."):
@@ -74,6 +77,14 @@ def identify(keys) -> tuple[str, str]:
     if has("encoder.block.0.") or "shared.weight" in ks:
         return "", "a T5 text encoder, not Qwen3-4B"
     return "", "not a Z-Image component (unrecognised tensor names)"
+
+
+def _quant_note(keys) -> str:
+    """', <quantized layout>' for a file whose key names show one (quantized.py reads it)."""
+    from .quantized import quant_layout
+
+    layout = quant_layout(keys)
+    return {"scaled_fp8": ", legacy scaled fp8", "comfy_quant": ", comfy_quant mixed precision"}.get(layout, "")
 
 
 def expect(component: str, keys, source: str) -> None:

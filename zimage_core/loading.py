@@ -26,6 +26,7 @@ from . import formats
 from .dtypes import ComponentDtype, dtype_name
 from .errors import ZImageError
 from .fp8 import FP8Linear, swap_linears
+from .quantized import QuantizedReader, split_fp8_rows
 from .safetensors_io import Checkpoint, StagingBuffer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever touches the network
@@ -107,6 +108,11 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype: tor
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if isinstance(module, FP8Linear) and attr == "weight":
+        exact = getattr(tensor, "zimage_fp8_rows", None)  # an e4m3 file's own bits and scales (quantized.py)
+        if exact is not None:
+            module.weight = nn.Parameter(exact[0].to(device), requires_grad=False)
+            module.weight_scale = nn.Parameter(exact[1].to(device), requires_grad=False)
+            return
         module.load_weight(tensor.to(device))
         return
     if isinstance(module, FP8Linear) and attr == "bias":
@@ -164,7 +170,9 @@ def load_transformer(source, cdtype: ComponentDtype, device="cpu", stats: list |
     start = time.perf_counter()
     ckpt, config, name = _component_source(source, "transformer")
     formats.expect("transformer", ckpt.keys(), name)
-    config = {k: v for k, v in (config or formats.transformer_config(_shapes(ckpt), name)).items()
+    quant = QuantizedReader(ckpt)  # fp8/nvfp4/mxfp8/int8 layouts: dequantized as ComfyUI does
+    shapes = {k: quant.shape(k) for k in quant.weight_keys()}
+    config = {k: v for k, v in (config or formats.transformer_config(shapes, name)).items()
               if not k.startswith("_")}
     with init_empty_weights():
         model = ZImageTransformer2DModel(**config)
@@ -178,9 +186,10 @@ def load_transformer(source, cdtype: ComponentDtype, device="cpu", stats: list |
     staging = StagingBuffer(_target_dtype(cdtype), device)
 
     def items():
-        for key, tensor in ckpt.iter_tensors(staging):
+        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, fp8_exact=bool(fp8)):
             if original:
-                yield from convert_z_image_transformer_checkpoint_to_diffusers({key: tensor}).items()
+                converted = convert_z_image_transformer_checkpoint_to_diffusers({key: tensor})
+                yield from split_fp8_rows(key, tensor, converted).items()
             else:
                 yield key, tensor
 
@@ -201,7 +210,8 @@ def load_text_encoder(source, cdtype: ComponentDtype, device="cpu", stats: list 
     start = time.perf_counter()
     ckpt, config, name = _component_source(source, "text_encoder")
     formats.expect("text_encoder", ckpt.keys(), name)
-    config = config or formats.text_encoder_config(_shapes(ckpt), name)
+    quant = QuantizedReader(ckpt)
+    config = config or formats.text_encoder_config({k: quant.shape(k) for k in quant.weight_keys()}, name)
     full_layers = config["num_hidden_layers"]
     config = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
     config["num_hidden_layers"] = full_layers - 1
@@ -219,17 +229,16 @@ def load_text_encoder(source, cdtype: ComponentDtype, device="cpu", stats: list 
     expected = {n for n, _ in model.named_parameters()} - {f"{m}.weight_scale" for m in fp8}
     prefix = formats.text_encoder_prefix(ckpt.keys())
     skip = (f"layers.{full_layers - 1}.", "norm.", "lm_head.")
-    wanted = {k for k in ckpt.keys() if k.startswith(prefix) and not k[len(prefix):].startswith(skip)}
-    extra = [k for k in ckpt.keys() if not k.startswith(prefix) and not k.startswith("lm_head.")]
+    wanted = {k for k in quant.weight_keys() if k.startswith(prefix) and not k[len(prefix):].startswith(skip)}
+    extra = [k for k in quant.weight_keys() if not k.startswith(prefix) and not k.startswith("lm_head.")]
     if extra:
         raise ZImageError(f"{name}: unexpected tensors outside {prefix!r} (e.g. {extra[0]!r}); not a Qwen3 text encoder file.")
 
     staging = StagingBuffer(_target_dtype(cdtype), device)
 
     def items():
-        for f in ckpt.files:
-            for key, tensor in f.iter_tensors([k for k in f.keys() if k in wanted], staging):
-                yield key[len(prefix):], tensor
+        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, keys=wanted, fp8_exact=bool(fp8)):
+            yield key[len(prefix):], tensor
 
     loaded = _stream_into(model, items(), cdtype, device, expected, name)
     model = _finish(model, expected, loaded, name, device, cdtype)

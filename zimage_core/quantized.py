@@ -1,0 +1,310 @@
+"""Quantized checkpoint layouts (fp8, nvfp4, mxfp8, int8) read as ComfyUI reads them, dequantized exactly.
+
+Layouts (ComfyUI 0.33 ``comfy/quant_ops.py``, ``comfy/ops.py``, ``comfy/utils.py::convert_old_quants``):
+
+* **legacy scaled fp8**: a ``scaled_fp8`` marker tensor; per layer ``<layer>.weight`` in fp8 with a scalar
+  ``<layer>.scale_weight`` (and ``<layer>.scale_input``). ComfyUI 0.33 renames these to the layout below.
+* **comfy_quant**: per layer a ``<layer>.comfy_quant`` uint8 tensor holding JSON ``{"format": ...}`` plus
+  ``<layer>.weight_scale`` (and ``weight_scale_2``, ``input_scale``); or the same per-layer JSON in the
+  safetensors header ``_quantization_metadata`` (``{"layers": {name: {...}}}``).
+* **plain fp8 casts**: fp8 weights without any scale (scale 1).
+
+Dequantization, in the compute dtype ``dt`` (ComfyUI's ``orig_dtype``; comfy-kitchen's formulas):
+
+================  ==========================================================================================
+float8_e4m3fn/    ``w.to(dt) * scale.to(dt)``
+float8_e5m2
+int8_tensorwise   ``(q.float() * scale).to(dt)``
+mxfp8             fp8 data * 2**(e8m0 - 127) per block of 32 columns, block scales in cuBLAS's swizzled
+                  128x4 tile layout; fp32, then ``.to(dt)``; padded storage cut to the layer's shape
+nvfp4             two e2m1 codes per byte (high nibble first) * (``weight_scale_2``.to(dt) * fp8 block
+                  scale.to(dt)) per block of 16 columns, swizzled like mxfp8; padded storage cut
+================  ==========================================================================================
+
+int8 with ConvRot (Hadamard-rotated) weights, ``convrot_w4a4`` and ``asym_w4a8_int8`` are refused with a
+message naming the format. ComfyUI 0.3.75 knew only legacy scaled fp8 and e4m3 through the header, and
+computed fp8 as ``w.to(dt).mul_(scale)`` (one rounding instead of two in bf16; identical in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import torch
+
+from .errors import ZImageError
+
+COMPANION_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale", ".scale_weight",
+                      ".scale_input", ".pre_quant_scale")
+SUPPORTED = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4")
+REFUSED = {
+    "convrot_w4a4": "4-bit ConvRot (Hadamard-rotated) weights",
+    "asym_w4a8_int8": "asymmetric 4-bit weights with int8 activations",
+    "int8_convrot": "int8 ConvRot (Hadamard-rotated) weights",
+}
+INSTEAD = ("use the bf16 file (z_image_turbo_bf16.safetensors / qwen_3_4b.safetensors) with our fp8 storage option "
+           "(transformer_storage / text_encoder_storage = fp8_e4m3fn), or an fp8 (float8_e4m3fn) file")
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def is_companion(key: str) -> bool:
+    return key.endswith(COMPANION_SUFFIXES) or key == "scaled_fp8" or key.endswith(".scaled_fp8")
+
+
+def _marker(keys) -> str | None:
+    return next((k for k in keys if k == "scaled_fp8" or k.endswith(".scaled_fp8")), None)
+
+
+def quant_layout(checkpoint_keys, metadata: dict | None = None, dtypes: dict | None = None) -> str:
+    """The file's layout: ``plain``, ``fp8_cast`` (fp8 weights, no scales: needs ``dtypes``), ``scaled_fp8``
+    (legacy marker + .scale_weight), ``comfy_quant`` (per-layer JSON tensors) or ``quantization_metadata``
+    (the JSON in the safetensors header)."""
+    keys = list(checkpoint_keys)
+    if metadata and "_quantization_metadata" in metadata:
+        return "quantization_metadata"
+    if any(k.endswith(".comfy_quant") for k in keys):
+        return "comfy_quant"
+    if _marker(keys) or any(k.endswith(".scale_weight") for k in keys):
+        return "scaled_fp8"
+    if dtypes and any(d in (torch.float8_e4m3fn, torch.float8_e5m2) for d in dtypes.values()):
+        return "fp8_cast"
+    return "plain"
+
+
+def describe(checkpoint_keys, metadata: dict | None = None, dtypes: dict | None = None,
+             read=None) -> str:
+    """One line naming the layout and its formats, e.g. 'comfy_quant mixed precision: float8_e4m3fn x 200'."""
+    layout = quant_layout(checkpoint_keys, metadata, dtypes)
+    if layout == "plain":
+        return "unquantized"
+    if layout == "fp8_cast":
+        names = sorted({str(d).replace("torch.", "") for d in dtypes.values() if d.is_floating_point and d.itemsize == 1})
+        return f"plain {'/'.join(names)} cast (no scales)"
+    if layout == "scaled_fp8":
+        return "legacy scaled fp8 (scaled_fp8 marker + .scale_weight)"
+    if read is None:
+        return {"comfy_quant": "comfy_quant mixed precision (per-layer .comfy_quant)",
+                "quantization_metadata": "mixed precision (_quantization_metadata header)"}[layout]
+    layers = layer_configs(checkpoint_keys, metadata, read)
+    counts: dict[str, int] = {}
+    for conf in layers.values():
+        counts[_format_of(conf)] = counts.get(_format_of(conf), 0) + 1
+    where = "per-layer .comfy_quant" if layout == "comfy_quant" else "_quantization_metadata header"
+    return f"mixed precision ({where}): " + ", ".join(f"{f} x {n}" for f, n in sorted(counts.items()))
+
+
+def _format_of(conf: dict) -> str:
+    fmt = conf.get("format")
+    params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+    if fmt == "int8_tensorwise" and (conf.get("convrot") or params.get("convrot")):
+        return "int8_convrot"
+    return fmt
+
+
+def layer_configs(checkpoint_keys, metadata: dict | None, read) -> dict[str, dict]:
+    """Layer name (as in the file, with its prefix) -> quantization JSON, for any of the layouts.
+    ``read(key)`` returns a tensor of the file."""
+    keys = list(checkpoint_keys)
+    if metadata and "_quantization_metadata" in metadata:
+        try:
+            layers = json.loads(metadata["_quantization_metadata"])["layers"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ZImageError(f"the file's _quantization_metadata header is not valid ({err}); download it again.") from None
+        return {k: dict(v) for k, v in layers.items()}
+    if any(k.endswith(".comfy_quant") for k in keys):
+        out = {}
+        for k in keys:
+            if k.endswith(".comfy_quant"):
+                raw = read(k)
+                try:
+                    out[k[: -len(".comfy_quant")]] = json.loads(raw.numpy().tobytes())
+                except ValueError:
+                    raise ZImageError(f"{k}: not a valid comfy_quant JSON tensor; the file is damaged.") from None
+        return out
+    if _marker(keys) or any(k.endswith(".scale_weight") for k in keys):
+        return {k[: -len(".scale_weight")]: {"format": "float8_e4m3fn", "legacy": True}
+                for k in keys if k.endswith(".scale_weight")}
+    return {}
+
+
+# --------------------------------------------------------------------------------------- dequantizers
+def unswizzle(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Block scales from cuBLAS's tiled layout (tiles of 128 rows x 4 columns, each stored as 32 x (4 x 4):
+    row r of a tile at (r % 32) * 16 + (r // 32) * 4) back to ``[rows, cols]``."""
+    rb, cb = -(-rows // 128), -(-cols // 4)
+    tiles = blocked.reshape(rb, cb, 32, 4, 4)  # [row tile, col tile, r % 32, r // 32, col]
+    plain = tiles.permute(0, 3, 2, 1, 4).reshape(rb * 128, cb * 4)
+    return plain[:rows, :cols]
+
+
+def e8m0_to_float(x: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scales 2**(e - 127) stored as one byte; 0 encodes 0 (comfy-kitchen's convention)."""
+    e = x.view(torch.uint8).to(torch.int32)
+    out = (e << 23).view(torch.float32)
+    return torch.where(e == 0, torch.zeros_like(out), out)
+
+
+def dequantize(name: str, tensor: torch.Tensor, companions: dict[str, torch.Tensor], conf: dict,
+               dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The weight ``name`` (``<layer>.weight``) in ``dtype``, from its stored ``tensor``, its layer's
+    ``companions`` (suffix without the layer, e.g. ``weight_scale``) and quantization ``conf``.
+    ``shape``: the layer's real shape where the storage is padded (nvfp4, mxfp8)."""
+    fmt = _format_of(conf)
+    if fmt in REFUSED:
+        raise ZImageError(f"{name} is stored as {fmt} ({REFUSED[fmt]}), which this loader cannot dequantize "
+                          f"exactly as ComfyUI does; {INSTEAD}.")
+    if fmt not in SUPPORTED:
+        raise ZImageError(f"{name}: unknown quantization format {fmt!r} (known: {', '.join(SUPPORTED)}); {INSTEAD}.")
+    scale = companions.get("weight_scale", companions.get("scale_weight"))
+    if fmt in ("float8_e4m3fn", "float8_e5m2"):
+        w = tensor if tensor.dtype.itemsize == 1 and tensor.is_floating_point() else tensor.view(
+            torch.float8_e4m3fn if fmt == "float8_e4m3fn" else torch.float8_e5m2)
+        if scale is None:
+            return w.to(dtype)
+        return w.to(dtype) * scale.to(dtype)
+    if scale is None:
+        raise ZImageError(f"{name} ({fmt}) has no weight_scale in the file; the file is incomplete.")
+    if fmt == "int8_tensorwise":
+        return (tensor.view(torch.int8).float() * scale).to(dtype)
+    if fmt == "mxfp8":
+        rows, cols = tensor.shape
+        blocks = cols // 32
+        scales = e8m0_to_float(unswizzle(scale.view(torch.uint8), rows, blocks))
+        data = tensor.view(torch.float8_e4m3fn).float().reshape(rows, blocks, 32) * scales.unsqueeze(-1)
+        return _cut(data.reshape(rows, cols).to(dtype), shape)
+    # nvfp4
+    second = companions.get("weight_scale_2")
+    if second is None:
+        raise ZImageError(f"{name} (nvfp4) has no weight_scale_2 in the file; the file is incomplete.")
+    packed = tensor.view(torch.uint8)
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+    values = E2M1.to(dtype)[codes.long()]
+    rows, cols = values.shape
+    blocks = unswizzle(scale.view(torch.float8_e4m3fn), rows, cols // 16)
+    total = second.to(dtype) * blocks.to(dtype)
+    out = (values.reshape(rows, cols // 16, 16) * total.unsqueeze(-1)).reshape(rows, cols).to(dtype)
+    return _cut(out, shape)
+
+
+def _cut(t: torch.Tensor, shape) -> torch.Tensor:
+    if shape is None or tuple(t.shape) == tuple(shape):
+        return t
+    return t[tuple(slice(0, s) for s in shape)].contiguous()
+
+
+def logical_shape(conf: dict, stored: tuple[int, ...]) -> tuple[int, ...]:
+    """The weight shape a quantized tensor stands for (nvfp4 packs two values per byte)."""
+    if _format_of(conf) == "nvfp4":
+        return (stored[0], stored[1] * 2)
+    return tuple(stored)
+
+
+def fp8_rows(tensor: torch.Tensor, companions: dict[str, torch.Tensor], conf: dict) -> tuple | None:
+    """``(e4m3 weight, fp32 scale [out, 1])`` with ``weight = w8.float() * scale`` exactly, for a layer stored
+    as float8_e4m3fn with a per-tensor or per-row scale; None for any other format (requantize those)."""
+    if _format_of(conf) != "float8_e4m3fn" or tensor.dim() != 2:
+        return None
+    w8 = tensor if tensor.dtype == torch.float8_e4m3fn else tensor.view(torch.float8_e4m3fn)
+    scale = companions.get("weight_scale", companions.get("scale_weight"))
+    scale = torch.ones((), dtype=torch.float32) if scale is None else scale.float()
+    if scale.numel() == 1:
+        return w8, scale.reshape(1, 1).expand(w8.shape[0], 1).contiguous()
+    if scale.numel() == w8.shape[0]:
+        return w8, scale.reshape(-1, 1).contiguous()
+    return None
+
+
+class QuantizedReader:
+    """A checkpoint seen through its quantization: ``iter_tensors`` yields ``(key, tensor)`` with every quantized
+    weight dequantized to ``dtype`` and the companion tensors (scales, JSON, marker) consumed."""
+
+    def __init__(self, ckpt, metadata: dict | None = None):
+        self.ckpt = ckpt
+        keys = ckpt.keys()
+        self.metadata = metadata if metadata is not None else _metadata(ckpt)
+        dtypes = {k: ckpt.dtype(k) for k in keys}
+        self.layout = quant_layout(keys, self.metadata, dtypes)
+        self.layers = layer_configs(keys, self.metadata, ckpt.read) if self.layout != "plain" else {}
+        if self.layout == "fp8_cast":
+            self.layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn" if d == torch.float8_e4m3fn else "float8_e5m2"}
+                           for k, d in dtypes.items() if k.endswith(".weight") and d in (torch.float8_e4m3fn, torch.float8_e5m2)}
+        for layer, conf in self.layers.items():
+            fmt = _format_of(conf)
+            if fmt in REFUSED or fmt not in SUPPORTED:
+                dequantize(f"{layer}.weight", torch.empty(0), {}, conf, torch.float32)  # raises the message
+        self.companions: dict[str, dict[str, torch.Tensor]] = {}
+        for k in keys:
+            if k.endswith(COMPANION_SUFFIXES) and not k.endswith(".comfy_quant"):
+                layer, _, suffix = k.rpartition(".")
+                self.companions.setdefault(layer, {})[suffix] = ckpt.read(k)
+        self.description = describe(keys, self.metadata, dtypes, ckpt.read)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.layers)
+
+    def weight_keys(self) -> list[str]:
+        return [k for k in self.ckpt.keys() if not is_companion(k)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        stored = self.ckpt.shape(key)
+        return logical_shape(self.layers[layer], stored) if layer in self.layers else stored
+
+    def conf(self, key: str) -> dict | None:
+        return self.layers.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+
+    def fp8_rows(self, key: str, tensor: torch.Tensor) -> tuple | None:
+        conf = self.conf(key)
+        return None if conf is None else fp8_rows(tensor, self.companions.get(key[: -len(".weight")], {}), conf)
+
+    def convert(self, key: str, tensor: torch.Tensor, dtype: torch.dtype, shape=None) -> torch.Tensor:
+        conf = self.conf(key)
+        if conf is None:
+            return tensor
+        return dequantize(key, tensor, self.companions.get(key[: -len(".weight")], {}), conf, dtype, shape)
+
+    def iter_raw(self, keys=None, staging=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stored tensors (companions left out), file by file in file order; staging only when nothing is
+        quantized (a quantized weight's fp8 data may be kept, so it gets its own buffer)."""
+        wanted = set(self.weight_keys() if keys is None else keys)
+        for f in self.ckpt.files:
+            yield from f.iter_tensors([k for k in f.keys() if k in wanted], None if self.quantized else staging)
+
+    def iter_tensors(self, dtype: torch.dtype, staging=None, keys=None,
+                     fp8_exact: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, tensor)`` with quantized weights dequantized to ``dtype``. With ``fp8_exact``, a weight whose
+        file form is e4m3 with a per-tensor or per-row scale carries ``zimage_fp8_rows = (w8, row scale)``:
+        the loader keeps those bits for fp8 storage instead of requantizing (see ``split_fp8_rows``)."""
+        for key, raw in self.iter_raw(keys, staging):
+            tensor = self.convert(key, raw, dtype)
+            if fp8_exact:
+                pair = self.fp8_rows(key, raw)
+                if pair is not None:
+                    tensor.zimage_fp8_rows = pair
+            yield key, tensor
+
+
+def split_fp8_rows(key: str, tensor: torch.Tensor, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Carry ``zimage_fp8_rows`` through diffusers' key conversion: one renamed tensor keeps the pair; the fused
+    ``qkv`` split into to_q/to_k/to_v gets each its rows (offsets 0, dim, 2*dim)."""
+    pair = getattr(tensor, "zimage_fp8_rows", None)
+    if pair is None:
+        return converted
+    if len(converted) == 1:
+        for value in converted.values():
+            value.zimage_fp8_rows = pair
+        return converted
+    rows = pair[0].shape[0] // len(converted)
+    for name, value in converted.items():
+        index = "qkv".index(name.rsplit(".to_", 1)[1][0])
+        value.zimage_fp8_rows = (pair[0][index * rows:(index + 1) * rows], pair[1][index * rows:(index + 1) * rows])
+    return converted
+
+
+def _metadata(ckpt) -> dict:
+    out = {}
+    for f in getattr(ckpt, "files", []):
+        out.update(getattr(f, "metadata", {}) or {})
+    return out
