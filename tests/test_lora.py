@@ -379,3 +379,20 @@ def test_diffusers_peft_fuse_matches(lora_dir, base_state, tiny_models):
             assert not torch.equal(fused[target], before[target])
             checked += 1
     assert checked == sum(1 for _, n in TARGETS if n)
+
+
+def test_text_encoder_last_layer_reported(tmp_path, te_state):
+    """Our Qwen3 stops before its last layer (Z-Image uses hidden_states[-2]): a LoRA key there is reported."""
+    from zimage_core.loading import load_text_encoder  # noqa: F401  (the loader that cuts the last layer)
+
+    full = max(int(k.split(".")[1]) for k in te_state if k.startswith("layers.")) + 1
+    cut = {k: tuple(v.shape) for k, v in te_state.items() if not k.startswith(f"layers.{full - 1}.")}
+    out_f, in_f = te_state["layers.0.mlp.up_proj.weight"].shape
+    sd = {}
+    for i in (0, full - 1):
+        base = f"lora_te_layers_{i}_mlp_up_proj"
+        sd[f"{base}.lora_up.weight"], sd[f"{base}.lora_down.weight"] = lora_pair(out_f, in_f)
+    save_file(sd, str(tmp_path / "te.safetensors"))
+    lora = load_lora(tmp_path / "te.safetensors", {}, cut)
+    assert list(lora.text_encoder) == ["layers.0.mlp.up_proj.weight"]
+    assert len(lora.unmatched) == 2 and all("never runs" in c for c in lora.unmatched.values())

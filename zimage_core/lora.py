@@ -465,6 +465,9 @@ def _shape_problem(patch: Patch, target: str, shapes, what: str) -> str | None:
             return f"the {what} has no {target} (a bias patch for a layer without bias): LoRA of another model"
         if m and m.group(2) is not None:
             count = len({k.split(".")[1] for k in shapes if k.startswith(m.group(1) + ".")})
+            if what == "text encoder" and int(m.group(2)) == count:
+                return (f"no effect on Z-Image: {target} is in the last Qwen3 layer, which Z-Image never runs (it "
+                        "uses the second-to-last layer's output)")
             return f"the {what} has no {target} (it has {count} {m.group(1)}): a LoRA of another, larger model"
         return f"the {what} has no {target}: a LoRA of another model"
     full = tuple(shapes[target])
