@@ -149,3 +149,33 @@ def resolve_policy(
             )
         resolved[component] = ComponentDtype(storage=stor, compute=comp)
     return DtypePolicy(**resolved)
+
+
+def apply_storage_casting(model, cdtype: ComponentDtype, skip: tuple[str, ...] = ()) -> None:
+    """Run a model whose weights are stored in ``cdtype.storage`` with arithmetic in ``cdtype.compute``.
+
+    Linear and conv layers (nearly all the bytes) keep their storage dtype and are cast around each call
+    (diffusers' layerwise casting hooks). Every other floating weight would reach the arithmetic in its storage
+    dtype and break it ("expected m1 and m2 to have the same dtype"): the small ones (norms, the modules named in
+    ``skip``, pad tokens) are stored in the compute dtype instead; an embedding table (Qwen3's is 389 M
+    values) stays in storage and its looked-up rows are cast, which is exact.
+    """
+    import torch.nn as nn
+    from diffusers.hooks import apply_layerwise_casting
+
+    storage, compute = cdtype.storage, cdtype.compute
+    apply_layerwise_casting(model, storage_dtype=storage, compute_dtype=compute, skip_modules_pattern=skip)
+
+    def hooked(module) -> bool:
+        registry = getattr(module, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook("layerwise_casting") is not None
+
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype == storage]
+        if not own or hooked(module):
+            continue
+        if isinstance(module, nn.Embedding) and module.weight.dtype == storage:
+            module.register_forward_hook(lambda _m, _args, out: out.to(compute))
+            continue
+        for param in own:
+            param.data = param.data.to(compute)

@@ -23,13 +23,13 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from . import formats
-from .dtypes import ComponentDtype, dtype_name
+from .dtypes import ComponentDtype, apply_storage_casting, dtype_name
 from .errors import ZImageError
 from .fp8 import FP8Linear, swap_linears
 from .quantized import QuantizedReader, split_fp8_rows
-from .safetensors_io import Checkpoint, StagingBuffer
+from .inputs import read_json
+from .safetensors_io import Checkpoint, StagingBuffer, check_finite, check_loaded_tensor, finite_probe
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever touches the network
 log = logging.getLogger("zimage_core")
 
 TRANSFORMER_FP8_LINEARS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
@@ -44,6 +44,8 @@ _CACHE: dict[str, tuple[tuple, weakref.ref]] = {}
 
 
 def _source_key(source) -> tuple:
+    if isinstance(source, tuple):  # (file, folder whose config.json it takes)
+        return _source_key(source[0]) + (str(source[1]),)
     path = Path(source)
     files = sorted(path.rglob("*.safetensors")) if path.is_dir() else [path]
     return tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists())
@@ -88,15 +90,25 @@ class LoadStats:
 
 
 def _component_source(path: str | os.PathLike, component: str) -> tuple[Checkpoint, dict | None, str]:
-    """Checkpoint, folder config (if any) and a display name for a file, a component folder or a pipeline folder."""
+    """Checkpoint, folder config (if any) and a display name for a file, a component folder or a pipeline folder.
+
+    A single file given as ``(file, config_dir)`` (``ZImage.load`` does so for a split file given with a model
+    folder) takes that folder's ``config.json`` instead of one guessed from its shapes: a model of non-standard
+    size needs it (its RoPE split cannot be read off the shapes).
+    """
+    config_dir = None
+    if isinstance(path, tuple):
+        path, config_dir = path
     path = Path(path)
     if (path / "model_index.json").is_file():
         path = path / component
     if path.is_dir():
         cfg_file = path / "config.json"
-        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
+        config = read_json(cfg_file) if cfg_file.is_file() else None
         return Checkpoint.from_path(path), config, str(path)
-    return Checkpoint.from_path(path), None, path.name
+    cfg_file = Path(config_dir) / "config.json" if config_dir is not None else None
+    config = read_json(cfg_file) if cfg_file is not None and cfg_file.is_file() else None
+    return Checkpoint.from_path(path), config, path.name
 
 
 def _shapes(ckpt: Checkpoint) -> dict[str, tuple]:
@@ -130,10 +142,7 @@ def _finish(model: nn.Module, expected: set[str], loaded: set[str], source: str,
     model.to(device)  # non-persistent buffers (rotary tables) built on the CPU at init
     model.eval().requires_grad_(False)
     if cdtype.storage != cdtype.compute and cdtype.storage != torch.float8_e4m3fn:
-        from diffusers.hooks import apply_layerwise_casting
-
-        apply_layerwise_casting(model, storage_dtype=cdtype.storage, compute_dtype=cdtype.compute,
-                                skip_modules_pattern=("norm", "t_embedder", "cap_embedder", "rotary_emb"))
+        apply_storage_casting(model, cdtype, skip=("norm", "t_embedder", "cap_embedder", "rotary_emb"))
     model.zimage_dtype = cdtype
     return model
 
@@ -146,14 +155,20 @@ def _target_dtype(cdtype: ComponentDtype) -> torch.dtype:
 def _stream_into(model, items, cdtype: ComponentDtype, device, expected: set[str], source: str) -> set[str]:
     dtype = _target_dtype(cdtype)
     loaded = set()
+    params = dict(model.named_parameters())
+    probes = []  # one device-side sum per tensor, read once at the end: NaN/Inf in the file
     for name, tensor in items:
         if name not in expected:
             raise ZImageError(
                 f"{source} has tensor {name!r} that this model does not have: it is a different variant "
                 "(e.g. Z-Image Omni/Edit or a ControlNet) or not a Z-Image file."
             )
+        check_loaded_tensor(name, tensor, params[name], source)
         _place(model, name, tensor, device, dtype)
+        module_name, _, attr = name.rpartition(".")
+        probes.append((name, finite_probe(getattr(model.get_submodule(module_name) if module_name else model, attr))))
         loaded.add(name)
+    check_finite(probes, source)
     return loaded
 
 

@@ -61,15 +61,100 @@ class StagingBuffer:
         return self._buf[:nbytes]
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _open(path: Path):
+    """``open(path, "rb")`` with the OS error turned into a message that names the file."""
+    try:
+        return open(path, "rb")
+    except PermissionError:
+        raise ZImageError(f"{path} cannot be read (permission denied): give this user read access "
+                          f"(e.g. chmod a+r) or copy the file somewhere readable.") from None
+    except IsADirectoryError:
+        raise ZImageError(f"{path} is a folder, not a .safetensors file.") from None
+    except OSError as err:
+        raise ZImageError(f"{path} cannot be read: {err.strerror or err}.") from None
+
+
+def _is_uint(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_header(header, data_size: int, path) -> tuple[dict, dict]:
+    """Check a decoded header with the rules of the safetensors library; return ``(entries, metadata)``.
+
+    The rules: the header is an object; ``__metadata__`` maps strings to strings; every other entry is an
+    object with a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` ``[begin, end]``
+    whose length equals the shape's byte size; sorted by offset, the spans follow each other with no gap and
+    no overlap, and together cover the data section exactly. Any failure names the file, the tensor and the rule.
+    """
+    def bad(key, rule):
+        where = f"tensor {key!r}" if key is not None else "header"
+        raise ZImageError(f"{path} is not a valid safetensors file: {where}: {rule}. The file is damaged or was "
+                          "written by a broken tool; download or convert it again.")
+
+    if not isinstance(header, dict):
+        bad(None, f"the header must be a JSON object, got {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        bad(None, "__metadata__ must map strings to strings")
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            bad(key, f"the entry must be an object with dtype, shape and data_offsets, got {type(info).__name__}")
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if missing:
+            bad(key, f"the entry has no {', '.join(missing)}")
+        name = info["dtype"]
+        if not isinstance(name, str) or name not in _DTYPES:
+            bad(key, f"unknown dtype {name!r} (known: {', '.join(_DTYPES)})")
+        shape = info["shape"]
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            bad(key, f"the shape must be a list of non-negative integers, got {shape!r}")
+        offsets = info["data_offsets"]
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_uint(o) for o in offsets):
+            bad(key, f"data_offsets must be two non-negative integers [begin, end], got {offsets!r}")
+        start, stop = offsets
+        if stop < start:
+            bad(key, f"data_offsets {offsets} are reversed (end before begin)")
+        nbytes = _ITEMSIZE[name]
+        for d in shape:
+            nbytes *= d
+        if nbytes != stop - start:
+            bad(key, f"shape {shape} of {name} needs {nbytes} bytes but data_offsets {offsets} span {stop - start}")
+        entries[key] = (_DTYPES[name], tuple(shape), start, stop)
+    end = 0
+    for key, (_, _, start, stop) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if start != end:
+            rule = (f"its bytes {start}..{stop} overlap the previous tensor's, which end at {end}" if start < end
+                    else f"a gap of {start - end} unused bytes before it (previous data ends at {end})")
+            bad(key, rule)
+        end = stop
+    if end != data_size:
+        if end > data_size:
+            raise ZImageError(
+                f"{path} is truncated: its header promises {end} bytes of data but the file has {data_size} "
+                f"({end - data_size} missing). The download or copy did not finish; download the file again."
+            )
+        bad(None, f"the tensors cover {end} bytes but the data section has {data_size} (trailing bytes)")
+    return entries, metadata
+
+
 class SafetensorsFile:
-    """Header of one ``.safetensors`` file, checked against the file size, and reads of single tensors."""
+    """Header of one ``.safetensors`` file, checked as strictly as the safetensors library, and reads of single tensors."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise ZImageError(f"file not found: {self.path}. Check the path, or put the file there.")
         size = self.path.stat().st_size
-        with open(self.path, "rb") as fh:
+        with _open(self.path) as fh:
             head = fh.read(8)
             if len(head) < 8:
                 raise ZImageError(f"{self.path} is not a safetensors file (only {size} bytes). Download it again.")
@@ -79,27 +164,13 @@ class SafetensorsFile:
                     f"{self.path} is not a valid safetensors file (bad header length): it is truncated or of "
                     "another format. Only .safetensors files are loaded; download the file again."
                 )
-            try:
-                header = json.loads(fh.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ZImageError(f"{self.path} has a corrupt safetensors header ({err}). Download it again.") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+            raw = fh.read(header_len)
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ZImageError(f"{self.path} has a corrupt safetensors header ({err}). Download it again.") from None
         self._data_start = 8 + header_len
-        self._entries = {}
-        end = 0
-        for key, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ZImageError(f"{self.path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}.")
-            start, stop = info["data_offsets"]
-            self._entries[key] = (dtype, tuple(info["shape"]), start, stop)
-            end = max(end, stop)
-        if self._data_start + end > size:
-            missing = self._data_start + end - size
-            raise ZImageError(
-                f"{self.path} is truncated: its header promises {self._data_start + end} bytes but the file has "
-                f"{size} ({missing} missing). The download or copy did not finish; download the file again."
-            )
+        self._entries, self.metadata = parse_header(header, size - self._data_start, self.path)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -126,7 +197,7 @@ class SafetensorsFile:
         else:
             buf = torch.empty(stop - start, dtype=torch.uint8)
         own = fh is None
-        fh = open(self.path, "rb") if own else fh
+        fh = _open(self.path) if own else fh
         try:
             fh.seek(self._data_start + start)
             got = fh.readinto(memoryview(buf.numpy()))
@@ -142,7 +213,7 @@ class SafetensorsFile:
         """Yield ``(key, tensor)`` in file order; see ``read`` for ``staging``."""
         wanted = self.keys() if keys is None else keys
         order = sorted(wanted, key=lambda k: self._entries[k][2])
-        with open(self.path, "rb") as fh:
+        with _open(self.path) as fh:
             for key in order:
                 yield key, self.read(key, fh, staging)
 
@@ -208,3 +279,43 @@ class Checkpoint:
     @property
     def name(self) -> str:
         return self.files[0].path.name if len(self.files) == 1 else str(self.files[0].path.parent)
+
+
+def check_loaded_tensor(name: str, tensor: torch.Tensor, expected: torch.Tensor, source: str) -> None:
+    """A file tensor fits the model's parameter ``expected`` (dtype kind and shape), or a message naming both."""
+    if not tensor.is_floating_point():
+        raise ZImageError(
+            f"{source}: tensor {name!r} is stored as {str(tensor.dtype).replace('torch.', '')}, but the model needs "
+            "floating-point weights (bf16, fp16, fp32 or fp8). Integer-quantized files (GGUF/bitsandbytes/int8 "
+            "exports) are not loaded; use the bf16, fp16 or fp8 release."
+        )
+    if tuple(tensor.shape) != tuple(expected.shape):
+        raise ZImageError(
+            f"{source}: tensor {name!r} has shape {list(tensor.shape)} but the model built from its config expects "
+            f"{list(expected.shape)}. Likely cause: the file is a different model size or variant than its config "
+            "(a config.json from another model next to it, or a mixed-up download); use the matching config.json "
+            "or the file that belongs to this model."
+        )
+
+
+def finite_probe(tensor: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 sum on the tensor's device: NaN or Inf in, non-finite out. Reading all the probes once at
+    the end costs one synchronisation per model, not one per tensor."""
+    return tensor.detach().sum(dtype=torch.float32)
+
+
+def check_finite(probes: list[tuple[str, torch.Tensor]], source: str) -> None:
+    """Name the tensors whose probe is not finite. (An fp32 sum of finite weights overflows only with values
+    near 1e38 per element: such a file is broken too.)"""
+    if not probes:
+        return
+    ok = torch.isfinite(torch.stack([p.to(probes[0][1].device) for _, p in probes])).cpu()
+    suspects = [name for (name, _), good in zip(probes, ok.tolist()) if not good]
+    if not suspects:
+        return
+    raise ZImageError(
+        f"{source}: tensor {suspects[0]!r} holds NaN or Inf values"
+        + (f" ({len(suspects) - 1} more tensors too)" if len(suspects) > 1 else "")
+        + ". The file is damaged or was saved from a diverged training run, and would give black images; "
+        "download it again or use another checkpoint."
+    )
