@@ -9,6 +9,10 @@ import time
 from pathlib import Path
 
 from .errors import GenerationCancelled, ZImageError
+from .inputs import (check_batch_size, check_denoise, check_device, check_guidance, check_init_image,
+                     check_output_paths, check_prompts, check_seed, check_size, check_steps, check_tile_args,
+                     image_paths)
+from .options import GUARD_POLICIES, MAX_BATCH, MAX_TILE_SIZE, MIN_TILE_SIZE
 
 log = logging.getLogger("zimage_core")
 
@@ -20,25 +24,25 @@ def _common(p: argparse.ArgumentParser, *, width: int, height: int) -> None:
     p.add_argument("--steps", type=int, default=8, help="1..100; Turbo is made for 8")
     p.add_argument("--width", type=int, default=width, help="multiple of 16, 64..8192")
     p.add_argument("--height", type=int, default=height, help="multiple of 16, 64..8192")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help=f"1..{MAX_BATCH} images")
     p.add_argument("--guidance", type=float, default=0.0, help="diffusers convention (ComfyUI cfg - 1); 0 = off")
     p.add_argument("--denoise", type=float, default=1.0, help="with --init-image: strength in (0, 1]")
     p.add_argument("--init-image", type=Path, help="image for img2img (size must equal width x height)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: best available)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto|bf16|fp16|fp32")
     p.add_argument("--storage", default=None, help="weight storage dtype: bf16|fp16|fp32|fp8 (default: = dtype)")
-    p.add_argument("--precision-guard", default=None, choices=["off", "detect", "auto", "clamp"],
+    p.add_argument("--precision-guard", default=None, choices=list(GUARD_POLICIES),
                    help="fp16 overflow handling (default: auto with fp16 compute, else off)")
     p.add_argument("--tiled-decode", action="store_true", help="decode in exact tiles (bounded memory)")
-    p.add_argument("--tile-size", type=int, default=512, help="tile size in pixels, 64..4096")
+    p.add_argument("--tile-size", type=int, default=512, help=f"tile size in pixels, {MIN_TILE_SIZE}..{MAX_TILE_SIZE}")
     p.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in pixels")
-    p.add_argument("--out", type=Path, default=Path("zimage.png"), help="PNG to write (batch: name_1.png, ...)")
+    p.add_argument("--out", type=Path, default=Path("zimage.png"), help="image to write, .png/.jpg/.webp (batch: name_1.png, ...)")
     p.add_argument("--latents-out", type=Path, help="write final model-space latents (key 'latents', float32)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m zimage_core", description="Z-Image-Turbo, exactly and fast.")
+    parser = _Parser(prog="python -m zimage_core", description="Z-Image-Turbo, exactly and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text to image with real weights")
     gen.add_argument("--model", type=Path, help="diffusers folder (Tongyi-MAI/Z-Image-Turbo layout)")
@@ -55,27 +59,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_image(path: Path):
+    """An init image file as float32 [1, H, W, 3] in 0..1; a missing, empty or non-image file is named."""
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise ZImageError(f"init image not found: {path}.")
-    array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        raise ZImageError(f"--init-image {path} not found" + (" (it is a folder)" if path.is_dir() else "") + ".")
+    if path.stat().st_size == 0:
+        raise ZImageError(f"--init-image {path} is an empty file: it is not an image.")
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except UnidentifiedImageError:
+        raise ZImageError(f"--init-image {path} is not an image PIL can read (PNG, JPEG, WebP, ...).") from None
+    except PermissionError:
+        raise ZImageError(f"--init-image {path} cannot be read (permission denied).") from None
+    except OSError as err:
+        raise ZImageError(f"--init-image {path} is damaged or truncated ({err}).") from None
     return torch.from_numpy(array)[None]
 
 
 def save_png(images, out: Path) -> list[Path]:
+    """Write a batch as images (``out``, or ``name_1.png``, ``name_2.png``, ...); the format follows the suffix."""
     import numpy as np
     from PIL import Image
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
-        Image.fromarray((image.numpy() * 255.0).round().clip(0, 255).astype(np.uint8)).save(path)
-        paths.append(path)
+    paths = image_paths(out, len(images))
+    for image, path in zip(images, paths):
+        try:
+            Image.fromarray((image.numpy() * 255.0).round().clip(0, 255).astype(np.uint8)).save(path)
+        except OSError as err:
+            raise ZImageError(f"--out {path} cannot be written: {err.strerror or err}.") from None
     return paths
+
+
+def check_args(args: argparse.Namespace):
+    """Everything that can be checked without a model, before any model loads: returns the init image."""
+    check_prompts(args.prompt, "--prompt")
+    check_prompts(args.negative_prompt, "--negative-prompt")
+    check_seed(args.seed)
+    check_steps(args.steps)
+    check_size(args.width, args.height)
+    check_batch_size(args.batch_size)
+    check_guidance(args.guidance)
+    check_denoise(args.denoise, has_init=args.init_image is not None, steps=args.steps)
+    check_tile_args(args.tile_size, args.tile_overlap)
+    check_output_paths(args.out, args.latents_out, args.batch_size)
+    check_device(args.device)
+    init_image = _load_image(args.init_image) if args.init_image else None
+    if init_image is not None:
+        check_init_image(init_image, batch=args.batch_size, width=args.width, height=args.height)
+    return init_image
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .pipeline import ZImage
 
+    init_image = check_args(args)
     if args.command == "demo":
         from .tiny import tiny_model_dir
 
@@ -93,16 +130,18 @@ def run(args: argparse.Namespace) -> int:
                              tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, storage=args.storage)
     log.info("dtypes: %s on %s", zimage.policy.describe(), zimage.device)
     zimage.set_precision_guard(args.precision_guard)  # None: auto with fp16 compute, off otherwise
-    init_image = _load_image(args.init_image) if args.init_image else None
     bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, disable=None)
     start = time.perf_counter()
-    result = zimage.generate(
-        args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
-        batch_size=args.batch_size, guidance=args.guidance, negative_prompt=args.negative_prompt,
-        denoise=args.denoise, init_image=init_image, callback=lambda info: bar.update(1),
-        tiled_decode=True if args.tiled_decode else "auto", tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-    )
-    bar.close()
+    try:
+        result = zimage.generate(
+            args.prompt, seed=args.seed, steps=args.steps, width=args.width, height=args.height,
+            batch_size=args.batch_size, guidance=args.guidance, negative_prompt=args.negative_prompt,
+            denoise=args.denoise, init_image=init_image, callback=lambda info: bar.update(1),
+            tiled_decode=True if args.tiled_decode else "auto", tile_size=args.tile_size,
+            tile_overlap=args.tile_overlap,
+        )
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
     for path in save_png(result.images, args.out):
         print(f"wrote {path} ({args.width}x{args.height}, seed {args.seed}, {args.steps} steps, {seconds:.2f} s)")
@@ -110,11 +149,21 @@ def run(args: argparse.Namespace) -> int:
         from safetensors.torch import save_file
 
         args.latents_out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": result.latents.float().contiguous()}, str(args.latents_out))
+        try:
+            save_file({"latents": result.latents.float().contiguous()}, str(args.latents_out))
+        except OSError as err:
+            raise ZImageError(f"--latents-out {args.latents_out} cannot be written: {err.strerror or err}.") from None
         print(f"wrote {args.latents_out}")
     if result.report.get("events"):
         print("precision guard:", result.report["summary"])
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line ``error: ...`` (exit 2) like every other error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,8 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except ZImageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except GenerationCancelled as err:
         print(f"cancelled: {err}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print("cancelled: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug of ours: still one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"error: internal error {type(err).__name__}: {_one_line(err)} (run with -v for the traceback and "
+              "please report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

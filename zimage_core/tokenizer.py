@@ -13,10 +13,20 @@ import os
 from pathlib import Path
 
 from .errors import ZImageError
+from .inputs import check_prompts, read_json
 
 PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 MAX_TOKENS = 512
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+_JSON_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise ZImageError(f"{path} cannot be read: {err.strerror or err}. Give this user read access.") from None
 
 
 def _is_tokenizer_dir(path: Path) -> bool:
@@ -67,10 +77,22 @@ class PromptTokenizer:
         from transformers import AutoTokenizer
 
         self.path = Path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        for name in _JSON_FILES:  # a corrupt file is named here, not in a JSONDecodeError traceback
+            if (self.path / name).is_file():
+                read_json(self.path / name)
+        for name in ("merges.txt",):
+            if (self.path / name).is_file():
+                _readable(self.path / name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as err:  # transformers raises OSError, ValueError, KeyError... for a broken folder
+            raise ZImageError(
+                f"the tokenizer in {self.path} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                "Its files are damaged or incomplete: copy the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo again, "
+                "or point --tokenizer / ZIMAGE_TOKENIZER at ComfyUI's comfy/text_encoders/qwen25_tokenizer."
+            ) from None
 
     def __call__(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise ZImageError(f"prompt must be text, got {type(prompt).__name__}.")
+        check_prompts(prompt)
         text = PROMPT_TEMPLATE.format(prompt)
         return self.tokenizer(text, truncation=True, max_length=MAX_TOKENS)["input_ids"]

@@ -12,7 +12,11 @@ from functools import partial
 
 import torch
 
+from .dtypes import dtype_name
 from .errors import ZImageError
+from .inputs import check_tile_args, check_tiled
+from .options import MAX_TILE_SIZE
+from .vae_tiling import decode_tiled, estimate_decode_bytes, free_memory, host_free_memory
 
 log = logging.getLogger("zimage_core")
 
@@ -35,63 +39,101 @@ def to_model_space(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 def check_tiling(tile_size: int, overlap: int) -> None:
-    if not isinstance(tile_size, int) or tile_size < 64 or tile_size > 4096 or tile_size % 8:
-        raise ZImageError(f"tile size {tile_size!r} is out of range: use a multiple of 8 in 64..4096 pixels (512 is usual).")
-    if not isinstance(overlap, int) or overlap < 0 or overlap >= tile_size:
-        raise ZImageError(f"tile overlap {overlap!r} is out of range: use 0..{tile_size - 8} pixels, below the tile size.")
+    """The tile rule of ``zimage_core.inputs`` (kept under this name for callers of the VAE module)."""
+    check_tile_args(tile_size, overlap)
 
 
-def _free_memory(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+def _plain_decode(vae, z: torch.Tensor, on_progress=None) -> torch.Tensor:
+    if on_progress is None:
+        return vae.decode(z).sample
+    # Cancel between the decoder's blocks: a pre-hook on each, removed afterwards.
+    blocks = [vae.decoder.mid_block, *vae.decoder.up_blocks, vae.decoder.conv_norm_out]
+    handles = [b.register_forward_pre_hook(lambda _m, _a: on_progress()) for b in blocks]
+    try:
+        return vae.decode(z).sample
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def _plain_decode(vae, z: torch.Tensor) -> torch.Tensor:
-    return vae.decode(z).sample
+def _chunk_size(vae, z_shape, dtype, device: torch.device, tiled: bool) -> int:
+    """Images per decode call that fit the free memory (device on CUDA, host elsewhere), at least 1.
+
+    A whole batch at once needs the batch times one image's activations (a 1024x1024 image about 2 GiB in
+    bf16); 64 of them do not fit anywhere, so the batch is decoded in chunks. Tiled decodes keep one image's
+    full-size activations in host memory, a third of the untiled estimate.
+    """
+    batch = z_shape[0]
+    per_image = estimate_decode_bytes(vae, (1, *z_shape[1:]), dtype)
+    if tiled:
+        per_image //= 3
+    free = host_free_memory() if tiled or device.type != "cuda" else free_memory(device)
+    if free is None:
+        return batch
+    return max(1, min(batch, int(free * 0.8) // max(per_image, 1)))
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, *, tiled: bool | str = "auto", tile_size: int = 512, overlap: int = 64,
-           guard=None, device: torch.device | None = None) -> torch.Tensor:
+           guard=None, device: torch.device | None = None, on_progress=None) -> torch.Tensor:
     """Model-space latents ``[B, 16, h, w]`` to a float32 image ``[B, 8h, 8w, 3]`` in 0..1 on the CPU.
 
     ``tiled``: True, False, or "auto" (tile only when the plain decode would not fit in free memory).
+    The batch is decoded in chunks that fit. ``on_progress()`` is called between tiles and between decoder
+    blocks; it may raise (e.g. ``GenerationCancelled``) to cancel. Non-finite latents or a non-finite decode
+    raise ``ZImageError`` naming the component, never an all-black image.
     """
-    if latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
+    check_tiled(tiled)
+    check_tile_args(tile_size, overlap)
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != vae.config.latent_channels:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ZImageError(
-            f"latents of shape {tuple(latents.shape)} can't be decoded: the Flux VAE needs [B, "
+            f"latents of shape {shape} can't be decoded: the Flux VAE needs [B, "
             f"{vae.config.latent_channels}, H/8, W/8]."
         )
-    device, dtype = device or vae_device(vae), vae_dtype(vae)
-    z = to_vae_space(vae, latents.float()).to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(latents).all()):
+        raise ZImageError(
+            "the latents hold NaN or Inf values (the transformer's output): nothing to decode. Causes: a guidance "
+            "too large, fp16 overflow without the precision guard (use 'auto' or bf16/fp32), NaN weights or a NaN "
+            "init image."
+        )
+    device, dtype = torch.device(device) if device is not None else vae_device(vae), vae_dtype(vae)
+    z_all = to_vae_space(vae, latents.float())
     use_tiles = tiled is True
-    if tiled == "auto" and (free := _free_memory(device)) is not None:
-        from .vae_tiling import estimate_decode_bytes
-
-        need = estimate_decode_bytes(vae, tuple(z.shape), dtype)
+    if tiled == "auto" and (free := free_memory(device)) is not None:
+        need = estimate_decode_bytes(vae, (1, *z_all.shape[1:]), dtype)
         use_tiles = need > free
         if use_tiles:
             log.info("VAE decode of %dx%d needs about %.1f GiB but %.1f GiB are free: decoding in exact tiles.",
-                     z.shape[3] * 8, z.shape[2] * 8, need / 2**30, free / 2**30)
+                     z_all.shape[3] * 8, z_all.shape[2] * 8, need / 2**30, free / 2**30)
     if use_tiles:
-        from .vae_tiling import decode_tiled
-
-        check_tiling(tile_size, overlap)
-        run = partial(decode_tiled, vae, tile_size=tile_size, overlap=overlap)
+        run = partial(decode_tiled, vae, tile_size=tile_size, overlap=overlap, on_progress=on_progress)
     elif device.type == "cuda" and guard is None:
         # The exact tiled decoder with one tile is the same decode, faster on CUDA (its GroupNorm runs as
         # batch_norm on folded channels): 60 ms against 93 ms at 1024x1024 on an H100. The precision guard
-        # watches diffusers' decoder blocks, so guarded decodes take the plain path.
-        from .vae_tiling import decode_tiled
-
-        run = partial(decode_tiled, vae, tile_size=max(z.shape[2], z.shape[3]) * 8, overlap=0)
+        # watches diffusers' decoder blocks, so guarded decodes take the plain path. Above MAX_TILE_SIZE it
+        # takes a few exact tiles.
+        side = min(max(z_all.shape[2], z_all.shape[3]) * 8, MAX_TILE_SIZE)
+        run = partial(decode_tiled, vae, tile_size=side, overlap=0, on_progress=on_progress)
     else:
-        run = partial(_plain_decode, vae)
-    image = guard.guarded_call("vae", run, z) if guard is not None else run(z)
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return image.permute(0, 2, 3, 1).contiguous().cpu()  # the layout change on the device, not the CPU
+        run = partial(_plain_decode, vae, on_progress=on_progress)
+    chunk = _chunk_size(vae, tuple(z_all.shape), dtype, device, use_tiles)
+    images = []
+    for first in range(0, z_all.shape[0], chunk):
+        if on_progress is not None:
+            on_progress()
+        z = z_all[first:first + chunk].to(device=device, dtype=dtype)
+        image = guard.guarded_call("vae", run, z) if guard is not None else run(z)
+        del z
+        if not bool(torch.isfinite(image).all()):
+            raise ZImageError(
+                f"the VAE decode gave NaN or Inf values ({dtype_name(dtype)} compute) from finite latents: fp16 "
+                "overflow in the VAE, or NaN VAE weights. Decode the VAE in bf16 or fp32, or turn the precision "
+                "guard on ('auto')."
+            )
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        images.append(image.permute(0, 2, 3, 1).contiguous().cpu())  # the layout change on the device
+    return images[0] if len(images) == 1 else torch.cat(images)
 
 
 @torch.no_grad()
@@ -108,4 +150,9 @@ def encode(vae, image: torch.Tensor, device: torch.device | None = None) -> torc
     device, dtype = device or vae_device(vae), vae_dtype(vae)
     pixels = image[..., :3].permute(0, 3, 1, 2).to(device=device, dtype=dtype) * 2 - 1
     z = vae.encode(pixels).latent_dist.mode()
+    if not bool(torch.isfinite(z).all()):
+        raise ZImageError(
+            "the VAE encode of the init image gave NaN or Inf values: the image holds NaN, or the VAE overflowed "
+            f"in {dtype_name(dtype)} (encode in bf16 or fp32) or has NaN weights."
+        )
     return to_model_space(vae, z.float()).cpu()

@@ -24,17 +24,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ZImageError
+from .inputs import check_tile_args
 
-MIN_TILE_SIZE = 64
-TILE_SIZE_STEP = 8
-
-__all__ = ["decode_tiled", "estimate_decode_bytes"]
+__all__ = ["decode_tiled", "estimate_decode_bytes", "free_memory"]
 
 
 # --------------------------------------------------------------------------------------------- public API
 @torch.no_grad()
 def decode_tiled(vae, z: torch.Tensor, tile_size: int = 512, overlap: int = 64,
-                 memory_budget_bytes: int | None = None) -> torch.Tensor:
+                 memory_budget_bytes: int | None = None, on_progress=None) -> torch.Tensor:
     """Decode ``z`` like ``vae.decode(z).sample``, tile by tile, with bounded device memory.
 
     z: VAE-space latents [B, C, h, w] (already ``z / scaling_factor + shift_factor``) on the VAE's device and in
@@ -46,6 +44,7 @@ def decode_tiled(vae, z: torch.Tensor, tile_size: int = 512, overlap: int = 64,
     exact minimum halo is always added, so 0 is the fastest; it exists for ComfyUI's tile widgets.
     memory_budget_bytes: device bytes the activation store may keep; activations beyond it go to host memory.
     None: half of the free device memory on CUDA, unlimited elsewhere.
+    on_progress: called with no arguments between tiles and between decoder blocks; it may raise to cancel.
     """
     _check_tile_args(tile_size, overlap, memory_budget_bytes)
     _check_latents(vae, z)
@@ -62,7 +61,7 @@ def decode_tiled(vae, z: torch.Tensor, tile_size: int = 512, overlap: int = 64,
 
     if memory_budget_bytes is None:
         memory_budget_bytes = _default_budget(z.device)
-    return _TiledDecoder(vae, tile_side, extra_halo, memory_budget_bytes).decode(z)
+    return _TiledDecoder(vae, tile_side, extra_halo, memory_budget_bytes, on_progress).decode(z)
 
 
 def estimate_decode_bytes(vae, latent_shape, dtype) -> int:
@@ -87,13 +86,7 @@ def estimate_decode_bytes(vae, latent_shape, dtype) -> int:
 
 # ------------------------------------------------------------------------------------------- validation
 def _check_tile_args(tile_size, overlap, memory_budget_bytes) -> None:
-    if not isinstance(tile_size, int) or isinstance(tile_size, bool) or tile_size < MIN_TILE_SIZE \
-            or tile_size % TILE_SIZE_STEP:
-        raise ZImageError(f"tile_size must be a multiple of {TILE_SIZE_STEP} and at least {MIN_TILE_SIZE} output "
-                          f"pixels (got {tile_size!r}); use e.g. 512")
-    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap < tile_size:
-        raise ZImageError(f"overlap must be an integer from 0 to tile_size - 1 = {tile_size - 1} output pixels "
-                          f"(got {overlap!r}); tiles are exact without overlap, so 0 is the fastest")
+    check_tile_args(tile_size, overlap)  # the one tile rule (zimage_core.inputs, ranges from options.py)
     if memory_budget_bytes is not None and (not isinstance(memory_budget_bytes, int) or memory_budget_bytes < 0):
         raise ZImageError(f"memory_budget_bytes must be None or a number of bytes >= 0 (got {memory_budget_bytes!r})")
 
@@ -149,12 +142,30 @@ def _widest_full_res_channels(decoder) -> int:
     return max(last.resnets[0].in_channels, decoder.conv_norm_out.num_channels)
 
 
-def _default_budget(device: torch.device) -> int:
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new tensor can take on a CUDA device (free plus what torch's cache holds unused); None elsewhere.
+    The one free-memory probe of the decoders."""
+    device = torch.device(device)
     if device.type != "cuda":
-        return 1 << 62  # CPU and unified memory: the "host" is the same memory
+        return None
     free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return (free + cached) // 2
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def host_free_memory() -> int | None:
+    """Available host memory (psutil), or None when psutil is missing."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _default_budget(device: torch.device) -> int:
+    free = free_memory(device)
+    if free is None:
+        return 1 << 62  # CPU and unified memory: the "host" is the same memory
+    return free // 2
 
 
 # ----------------------------------------------------------------------------------------------- windows
@@ -387,8 +398,9 @@ class _ActivationStore:
 class _TiledDecoder:
     """Re-plays ``Decoder.forward`` segment by segment, tile by tile, with the decoder's own modules."""
 
-    def __init__(self, vae, tile_side, extra_halo, budget_bytes: int):
+    def __init__(self, vae, tile_side, extra_halo, budget_bytes: int, on_progress=None):
         self.vae, self.decoder = vae, vae.decoder
+        self.on_progress = on_progress or (lambda: None)
         _check_decoder(self.decoder)
         self.tile_side = tile_side      # (channels, level height) -> tile side in that level's pixels
         self.extra_halo = extra_halo    # level height -> extra halo in that level's pixels
@@ -408,6 +420,7 @@ class _TiledDecoder:
         del sample
         blocks = list(decoder.up_blocks)
         for b, block in enumerate(blocks):
+            self.on_progress()
             # The GroupNorm that reads this block's output: the next block's first norm1, or conv_norm_out.
             next_norm = blocks[b + 1].resnets[0].norm1 if b + 1 < len(blocks) else decoder.conv_norm_out
             upsamplers = list(block.upsamplers or [])
@@ -426,6 +439,7 @@ class _TiledDecoder:
         """Compute and store every output tile; accumulate the next GroupNorm's statistics on the way."""
         stats = _GroupStats(next_norm.num_groups) if next_norm is not None else None
         for window in tiles:
+            self.on_progress()
             tile = compute(window)
             if stats is not None:
                 stats.add(tile)
