@@ -113,3 +113,68 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+def test_import_leaves_hf_hub_offline_alone():
+    """Importing the pack must not switch the hub off for the whole process (other packs, subprocesses)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os, zimage_core, zimage_core.loading, zimage_core.tokenizer, zimage_core.pipeline;"
+            "print(os.environ.get('HF_HUB_OFFLINE'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "None"
+
+
+def test_tokenizer_loads_offline_without_the_env(monkeypatch, tokenizer_dir):
+    """Our hub calls are offline by argument: with HF_HUB_OFFLINE unset nothing is fetched."""
+    from zimage_core.tokenizer import PromptTokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert len(PromptTokenizer(tokenizer_dir)("a fox")) > 5
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_decode_cancel_hook_between_tiles_and_blocks(zimage, tiled):
+    from zimage_core import GenerationCancelled
+
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    clean = zimage.decode(latents, tiled=tiled, tile_size=64, overlap=0)
+    calls = []
+    zimage.decode(latents, tiled=tiled, tile_size=64, overlap=0, on_progress=lambda: calls.append(1))
+    blocks = len(zimage.vae.decoder.up_blocks)
+    assert len(calls) > blocks + (8 if tiled else 0)  # 128 px in 64 px tiles: several tiles per segment
+
+    def cancel_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise GenerationCancelled("cancelled in the VAE")
+
+    calls.clear()
+    with pytest.raises(GenerationCancelled):
+        zimage.decode(latents, tiled=tiled, tile_size=64, overlap=0, on_progress=cancel_third)
+    assert len(calls) == 3
+    assert torch.equal(zimage.decode(latents, tiled=tiled, tile_size=64, overlap=0), clean)  # a rerun is clean
+
+
+def test_batch_decoded_in_chunks_equals_whole(zimage, monkeypatch):
+    import zimage_core.vae as vae
+
+    latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = zimage.decode(latents, tiled=False)
+    sizes = []
+    monkeypatch.setattr(vae, "_chunk_size", lambda *a: sizes.append(1) or 1)
+    chunked = zimage.decode(latents, tiled=False)
+    assert sizes and chunked.shape == (3, 64, 64, 3)
+    assert (chunked - whole).abs().max() < 1e-5  # batched and single-image fp32 convs round differently
+
+
+def test_chunk_size_follows_free_memory(zimage, monkeypatch):
+    import zimage_core.vae as vae
+
+    per_image = vae.estimate_decode_bytes(zimage.vae, (1, 16, 128, 128), torch.float32)
+    monkeypatch.setattr(vae, "host_free_memory", lambda: int(per_image * 3.5 / 0.8))
+    assert vae._chunk_size(zimage.vae, (64, 16, 128, 128), torch.float32, torch.device("cpu"), False) == 3
+    monkeypatch.setattr(vae, "host_free_memory", lambda: 10)
+    assert vae._chunk_size(zimage.vae, (64, 16, 128, 128), torch.float32, torch.device("cpu"), False) == 1
