@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from comfy_zimage import comfy_root, python_for, run_task
 from helpers import transformer_to_original
 from zimage_core import ZImageError
-from zimage_core.lora import apply_to_state_dict, diffusers_name, load_lora
+from zimage_core.lora import apply_to_state_dict, diffusers_name, diffusers_parts, load_lora
 
 DIM = 64
 GEN = torch.Generator().manual_seed(1234)
@@ -354,6 +354,33 @@ def test_diffusers_names_round_trip():
     assert diffusers_name("x_embedder.bias") == "all_x_embedder.2-1.bias"
     assert diffusers_name("final_layer.adaLN_modulation.1.weight") == "all_final_layer.2-1.adaLN_modulation.1.weight"
     assert diffusers_name("cap_embedder.1.weight") == "cap_embedder.1.weight"
+    assert diffusers_parts("layers.0.attention.qkv.weight", None, 192) == [
+        ("layers.0.attention.to_q.weight", slice(0, 64)), ("layers.0.attention.to_k.weight", slice(64, 128)),
+        ("layers.0.attention.to_v.weight", slice(128, 192))]
+    assert diffusers_parts("layers.0.attention.qkv.weight", (64, 64), 192) == [("layers.0.attention.to_k.weight", slice(None))]
+
+
+def test_merge_into_diffusers_model(lora_dir, base_state, tiny_models):
+    """Native (whole-qkv) and diffusers (to_q rows) patches merged straight into ZImageTransformer2DModel's
+    parameters through diffusers_parts equal the original-layout merge."""
+    d, files, _ = lora_dir
+    state = {k: v.clone() for k, v in tiny_models[0].state_dict().items()}
+    merged, _, parsed = ours(d, [["native_dm.safetensors", 0.6], ["diffusers_dm.safetensors", 0.9]], base_state, {})
+    for lora, strength in zip(parsed, (0.6, 0.9)):
+        for name, patches in lora.transformer.items():
+            for p in patches:
+                full = torch.cat([state[n] for n, _ in diffusers_parts(name, None, 3 * DIM)]) if name.endswith("qkv.weight") \
+                    else state[diffusers_name(name)]
+                view = full if p.rows is None else full[p.rows[0]:p.rows[0] + p.rows[1]]
+                delta = p.delta(view, strength)
+                for target, rows in diffusers_parts(name, p.rows, full.shape[0]):
+                    state[target] = state[target] + delta[rows]
+    for name in merged:
+        if name.endswith("qkv.weight"):
+            got = torch.cat([state[n] for n, _ in diffusers_parts(name, None, 3 * DIM)])
+        else:
+            got = state[diffusers_name(name)]
+        torch.testing.assert_close(got, merged[name], atol=1e-6, rtol=0)
 
 
 def test_diffusers_peft_fuse_matches(lora_dir, base_state, tiny_models):

@@ -520,6 +520,8 @@ def diffusers_name(canonical: str, rows: tuple[int, int] | None = None) -> str:
     """The ``ZImageTransformer2DModel`` parameter a canonical (original-layout) name, or rows of the fused
     ``qkv`` (``(offset, count)`` with offsets 0, dim, 2*dim), lives in."""
     module, _, param = canonical.rpartition(".")
+    if not module:  # x_pad_token, cap_pad_token
+        return canonical
     m = re.fullmatch(r"(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)", module)
     if m:
         rel = m.group(3)
@@ -530,3 +532,15 @@ def diffusers_name(canonical: str, rows: tuple[int, int] | None = None) -> str:
         rel = _TO_DIFFUSERS_BLOCK.get(rel, rel)
         return f"{m.group(1)}.{m.group(2)}.{rel}.{param}"
     return f"{_TO_DIFFUSERS_TOP.get(module, module)}.{param}"
+
+
+def diffusers_parts(canonical: str, rows: tuple[int, int] | None, total_rows: int) -> list[tuple[str, slice]]:
+    """Where a patch's delta goes in ``ZImageTransformer2DModel``: ``[(parameter name, rows of the delta)]``.
+
+    A patch on the whole fused ``qkv`` (native naming, ``total_rows`` = 3*dim rows) lands in to_q, to_k and to_v;
+    a patch with ``rows`` lands whole in the one it names; any other weight maps one to one.
+    """
+    if canonical.endswith(".attention.qkv.weight") and rows is None:
+        dim = total_rows // 3
+        return [(diffusers_name(canonical, (i * dim, dim)), slice(i * dim, (i + 1) * dim)) for i in range(3)]
+    return [(diffusers_name(canonical, rows), slice(None))]
