@@ -30,6 +30,9 @@ def _load_core() -> None:
         raise
 
 
+WEB_DIRECTORY = "./web"  # web/zturbo.js: hides the sampler's size widgets while a latent is connected
+
+
 async def comfy_entrypoint():
     _load_core()
     from .nodes import ZTurboExtension

@@ -1,20 +1,23 @@
-"""The ComfyUI nodes of Z-Image Turbo: schemas here, the work in ``zimage_core``."""
+"""The ComfyUI nodes of Z-Image Turbo: schemas here, the work in ``zimage_core``, the conversions in ``adapters``."""
 
 from .api import ComfyExtension, io
 from .conditioning import ZTurboTextEncode
 from .guard import ZTurboPrecisionGuard
-from .loader import ZTurboLoader
+from .loader import ZTurboDiffusersLoader, ZTurboFileLoader, ZTurboLoader, ZTurboLoadOptionsNode
 from .sampler import ZTurboSampler
 from .vae import ZTurboVAEDecode, ZTurboVAEDecodeTiled, ZTurboVAEEncode
 
 NODES: list[type[io.ComfyNode]] = [
-    ZTurboLoader,
+    ZTurboFileLoader,
+    ZTurboDiffusersLoader,
+    ZTurboLoadOptionsNode,
     ZTurboTextEncode,
     ZTurboSampler,
     ZTurboVAEDecode,
     ZTurboVAEDecodeTiled,
     ZTurboVAEEncode,
     ZTurboPrecisionGuard,
+    ZTurboLoader,  # deprecated (hidden from search): the 0.1 loader, for saved workflows
 ]
 
 

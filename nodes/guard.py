@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-from zimage_core.guard import POLICIES
+from zimage_core import GUARD_POLICIES
 
+from .adapters import CATEGORY, MODEL_TOOLTIP, ZTurboModel
 from .api import io
-from .model import CATEGORY, MODEL_TOOLTIP, ZTurboModel
-
-
-def report_text(zimage) -> str:
-    """The guard's report (``PrecisionGuard.report()``) as a few lines of text."""
-    guard = zimage.guard
-    if guard is None:
-        return f"precision guard: off ({zimage.policy.describe()})"
-    report = guard.report()
-    lines = [f"precision guard: {report['summary']}"]
-    for event in report["events"]:
-        step = f" at step {event['step'] + 1}" if event["step"] is not None else ""
-        lines.append(f"- {event['component']} {event['block']}{step}: {event['action']} ({event['dtype']})")
-    lines.append(f"checks: {report['checks']}, re-runs with block checks: {report['probe_runs']}")
-    return "\n".join(lines)
 
 
 class ZTurboPrecisionGuard(io.ComfyNode):
@@ -34,7 +20,7 @@ class ZTurboPrecisionGuard(io.ComfyNode):
                         "what happened.",
             inputs=[
                 ZTurboModel.Input("model", tooltip=MODEL_TOOLTIP),
-                io.Combo.Input("policy", options=list(POLICIES), default="auto",
+                io.Combo.Input("policy", options=list(GUARD_POLICIES), default="auto",
                                tooltip="off: plain fp16. detect: stop with an error naming the block that overflowed. "
                                        "auto: run just the overflowing blocks in bf16/fp32 (remembered, so paid once). "
                                        "clamp: ComfyUI's clipping to ±65504 (lossy)."),

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "workflows"
-PACK_NAME = "ComfyUI-ZImage-Turbo"  # the folder name a git clone into custom_nodes would have
+WORKFLOWS = REPO / "example_workflows"
+PACK_NAME = "ComfyUI-Z-Image-Turbo"  # the custom_nodes folder name; the frontend's node badge shows "Z-Image-Turbo"
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # nodes that exist only in the browser
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MODEL_FILES = {  # ComfyUI model folder -> the official file names the workflows use

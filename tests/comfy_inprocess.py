@@ -97,15 +97,15 @@ def main(root: Path, out: Path) -> None:
     for path in sorted(WORKFLOWS.glob("*.json")):
         prompts[path.stem] = ui_to_api(json.loads(path.read_text(encoding="utf-8")), input_types)
         results["validate"][path.stem] = validate(json.loads(json.dumps(prompts[path.stem])))
-    broken = json.loads(json.dumps(prompts["01_text_to_image"]))
-    loader_id = next(k for k, n in broken.items() if n["class_type"] == "ZTurboLoader")
+    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Text to Image"]))
+    loader_id = next(k for k, n in broken.items() if n["class_type"] == "ZTurboFileLoader")
     sampler_id = next(k for k, n in broken.items() if n["class_type"] == "ZTurboSampler")
     broken[sampler_id]["inputs"]["steps"] = 0
     results["validate_bad_steps"] = validate(broken)
-    broken = json.loads(json.dumps(prompts["01_text_to_image"]))
+    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Text to Image"]))
     broken[loader_id]["inputs"]["transformer"] = "z_image_turbo_fp8_e4m3fn.safetensors"
     results["validate_missing_model"] = validate(broken)  # accepted: the loader says what is missing when it runs
-    broken = json.loads(json.dumps(prompts["02_native_clip_and_vae_interop"]))
+    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Native Nodes"]))
     decode_id = next(k for k, n in broken.items() if n["class_type"] == "VAEDecode")
     broken[decode_id]["inputs"]["vae"] = [loader_id, 0]  # ZTURBO_MODEL into a VAE input
     results["validate_bad_link"] = validate(broken)
@@ -189,11 +189,18 @@ def main(root: Path, out: Path) -> None:
     results["interrupt"] = error_of(lambda: sample(model, cond))
     results["interrupt_calls"] = len(rec.calls)
     rec.close()
+    # Cancel reaches the VAE decode too: the nodes hand the core ComfyUI's interrupt check, called between decoder
+    # blocks and tiles, so a pending Cancel stops the decode at its first block
+    # (the check clears the flag when it raises: set it again before each)
+    comfy.model_management.interrupt_current_processing(True)
+    results["decode_interrupt"] = error_of(lambda: Decode.execute(latent, model))
+    comfy.model_management.interrupt_current_processing(True)
+    results["tiled_decode_interrupt"] = error_of(lambda: DecodeTiled.execute(latent, model, tile_size=64, overlap=32))
     comfy.model_management.interrupt_current_processing(False)
     comfy.utils.set_progress_bar_global_hook(None)
 
     # our models are not in ComfyUI's model manager: we ask it to free memory for them (not on the CPU)
-    model_module = sys.modules[Loader.__module__.rsplit(".", 1)[0] + ".model"]
+    model_module = sys.modules[Loader.__module__.rsplit(".", 1)[0] + ".adapters"]
     requests, real_free = [], comfy.model_management.free_memory
     comfy.model_management.free_memory = lambda nbytes, device, keep_loaded=(): requests.append([nbytes, str(device)])
     try:

@@ -11,14 +11,14 @@ import torch
 
 from comfy_harness import WORKFLOWS, run_inprocess, shared_env
 from zimage_core import ZImage
-from zimage_core.sampler import flow_sigmas
+from zimage_core.schedules import flow_sigmas
 from zimage_core.vae import to_model_space, to_vae_space
 
 PROMPT = "a red fox in fresh snow, morning light"  # as in comfy_inprocess.py
 KW = dict(seed=7, width=96, height=64)
 ATOL = 1e-5
-NODE_IDS = ["ZTurboLoader", "ZTurboPrecisionGuard", "ZTurboSampler", "ZTurboTextEncode", "ZTurboVAEDecode",
-            "ZTurboVAEDecodeTiled", "ZTurboVAEEncode"]
+NODE_IDS = ["ZTurboDiffusersLoader", "ZTurboFileLoader", "ZTurboLoadOptions", "ZTurboLoader", "ZTurboPrecisionGuard",
+            "ZTurboSampler", "ZTurboTextEncode", "ZTurboVAEDecode", "ZTurboVAEDecodeTiled", "ZTurboVAEEncode"]
 
 
 @pytest.fixture(scope="session")
@@ -212,7 +212,7 @@ def test_precision_guard_node(results, tensors):
     assert results["planted_policy"] == "transformer: fp16, text_encoder: fp16, vae: fp16"
     off = results["planted_off"]
     assert off["type"] == "zimage_core.errors.ZImageError"
-    assert "NaN/inf" in off["message"] and "Precision Guard (auto)" in off["message"]
+    assert "NaN/inf" in off["message"] and "precision guard" in off["message"].lower()
     detect = results["planted_detect"]
     assert detect["type"] == "zimage_core.guard.PrecisionOverflow"
     assert "step 1, block noise_refiner.0" in detect["message"] and "'auto'" in detect["message"]
@@ -229,13 +229,15 @@ def test_precision_guard_node(results, tensors):
 ERRORS = {
     "latent_4_channels": ["4 channels", "16-channel Flux-VAE latent", "EmptySD3LatentImage"],
     "latent_video": ["[1, 16, 2, 8, 8]", "image latent"],
-    "latent_odd_size": ["latent_image is 200x200 pixels", "multiple of 16", "192 and 208"],
+    "latent_odd_size": ["latent_image is 200x200 pixels", "multiple of 16",
+                        "nearest allowed sizes are 192x192, 192x208, 208x192, 208x208"],
     "cond_768": ["768 wide", "CLIPLoader with qwen_3_4b.safetensors and type 'lumina2'"],
     "cond_two_entries": ["2 entries", "ConditioningConcat"],
     "cond_area": ["'area'", "ConditioningSetArea"],
     "denoise_without_latent": ["needs a latent_image", "set denoise to 1"],
     "decode_4_channels": ["4 channels", "16-channel"],
-    "encode_odd_image": ["100x60", "multiple of 16", "ImageScale"],
+    "encode_odd_image": ["image is 100x60 pixels", "multiple of 16", "nearest allowed sizes are 96x64, 112x64",
+                         "ImageScale"],
     "width_1000": ["width 1000", "992 and 1008"],
     "tiles_overlap": ["overlap 256", "below the tile size"],
     "loader_missing": ["'nope.safetensors' was not found in ComfyUI/models/diffusion_models/",
@@ -253,3 +255,10 @@ def test_bad_input_gives_our_message(results, case):
     assert error["type"] in ("zimage_core.errors.ZImageError",), error
     for fragment in ERRORS[case]:
         assert fragment in error["message"], (fragment, error["message"])
+
+
+def test_cancel_stops_the_vae_decode(results):
+    """A pending Cancel stops both decode nodes at their first decoder block (the core calls the nodes' interrupt
+    check between blocks and tiles) instead of after the whole decode."""
+    for case in ("decode_interrupt", "tiled_decode_interrupt"):
+        assert results[case]["type"] == "comfy.model_management.InterruptProcessingException", results[case]

@@ -6,11 +6,14 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from comfy_harness import REPO, WORKFLOWS, ui_to_api, widget_slots
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
-LOADERS = {"ZTurboLoader", "CLIPLoader", "VAELoader", "UNETLoader"}
+LOADERS = {"ZTurboFileLoader", "ZTurboLoader", "CLIPLoader", "VAELoader", "UNETLoader"}
+TITLES = ["Z-Image Turbo - 2048px Tiled", "Z-Image Turbo - Image to Image", "Z-Image Turbo - Native Nodes",
+          "Z-Image Turbo - Text to Image", "Z-Image Turbo - fp16 Guard"]
 MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae"}
 
 
@@ -31,11 +34,31 @@ def test_core_never_imports_comfyui():
     assert offenders == []
 
 
-def test_five_example_workflows():
-    assert [p.stem for p in WORKFLOW_FILES] == ["01_text_to_image", "02_native_clip_and_vae_interop",
-                                                "03_fp16_precision_guard", "04_2048px_tiled_decode", "05_img2img"]
+def test_five_example_workflows_with_titles_and_thumbnails():
+    """ComfyUI's template browser shows a custom node's template by its file name (title and search text) and
+    fetches ``<name>.jpg`` beside it as the card's thumbnail (frontend 1.32 and 1.49 alike)."""
+    assert WORKFLOWS.name == "example_workflows"  # ComfyUI's convention (other names log a rename hint)
+    assert [p.stem for p in WORKFLOW_FILES] == TITLES
+    for path in WORKFLOW_FILES:
+        thumb = path.with_suffix(".jpg")
+        assert thumb.is_file(), thumb.name
+        with Image.open(thumb) as image:
+            assert image.format == "JPEG" and image.width >= 400 and image.height >= 250
+            assert max(hi - lo for lo, hi in image.convert("RGB").getextrema()) > 60  # not a blank card
+        assert thumb.stat().st_size < 120_000  # small enough for a card grid
+
+
+def test_readme_names_every_workflow():
     readme = (REPO / "README.md").read_text()
     assert all(f"`{p.stem}`" in readme for p in WORKFLOW_FILES)
+
+
+@pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
+def test_workflow_opens_fitted_to_the_view(path):
+    """Without extra.ds the frontend fits the graph to the window on load (1.32: fitView when ds is absent;
+    1.49: templates always fit); a saved ds put part of every graph under the sidebar."""
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    assert "ds" not in wf.get("extra", {})
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
@@ -63,7 +86,7 @@ def test_loaders_carry_model_download_info(path):
     widget values (frontend 1.32: getSelectedModelsMetadata, MissingModelsWarning)."""
     wf = json.loads(path.read_text(encoding="utf-8"))
     loaders = [n for n in wf["nodes"] if n["type"] in LOADERS]
-    assert any(n["type"] == "ZTurboLoader" for n in loaders)
+    assert any(n["type"] == "ZTurboFileLoader" for n in loaders)
     for node in loaders:
         models = node["properties"]["models"]
         assert models

@@ -19,3 +19,9 @@ __all__ = [
     "sample",
 ]
 __version__ = "0.1.0"
+
+# Public for the ComfyUI nodes (appended): the download hints and the LATENT <-> model-space conversions.
+from .formats import DOWNLOADS  # noqa: E402
+from .vae import to_model_space, to_vae_space  # noqa: E402
+
+__all__ += ["DOWNLOADS", "to_model_space", "to_vae_space"]
