@@ -59,6 +59,14 @@ def q_int8(w):
     return (w / scale).round().clamp(-127, 127).to(torch.int8), scale.float().reshape(())
 
 
+def q_int8_convrot(w, group=16):
+    from zimage_core.quantized import hadamard
+
+    rows, cols = w.shape
+    rotated = torch.matmul(w.reshape(rows, cols // group, group), hadamard(group).T).reshape(rows, cols)
+    return q_int8(rotated)
+
+
 def q_mxfp8(w):
     rows, cols = w.shape
     blocks = w.reshape(rows, cols // 32, 32)
@@ -107,8 +115,8 @@ def write_layouts(state: dict, folder) -> dict[str, object]:
 
     for fmt, quantize, aligned in (("float8_e4m3fn", lambda w: q_fp8(w, torch.float8_e4m3fn), False),
                                    ("float8_e5m2", lambda w: q_fp8(w, torch.float8_e5m2), False),
-                                   ("int8_tensorwise", q_int8, False), ("mxfp8", q_mxfp8, True),
-                                   ("nvfp4", q_nvfp4, True)):
+                                   ("int8_tensorwise", q_int8, False), ("int8_convrot", q_int8_convrot, True),
+                                   ("mxfp8", q_mxfp8, True), ("nvfp4", q_nvfp4, True)):
         sd = dict(state)
         for k in targets(state, aligned):
             layer = k[: -len(".weight")]
@@ -116,7 +124,10 @@ def write_layouts(state: dict, folder) -> dict[str, object]:
             sd[k], sd[f"{layer}.weight_scale"] = parts[0], parts[1]
             if fmt == "nvfp4":
                 sd[f"{layer}.weight_scale_2"] = parts[2]
-            sd[f"{layer}.comfy_quant"] = comfy_quant_tensor({"format": fmt})
+            conf = {"format": fmt}
+            if fmt == "int8_convrot":  # Comfy-Org's *_int8_convrot files (group 256 there; the tiny model needs 16)
+                conf = {"format": "int8_tensorwise", "params": {"convrot": True, "convrot_groupsize": 16}}
+            sd[f"{layer}.comfy_quant"] = comfy_quant_tensor(conf)
         save(f"comfy_quant_{fmt}", sd)
     return out
 
@@ -124,7 +135,8 @@ def write_layouts(state: dict, folder) -> dict[str, object]:
 AVAILABLE = {  # layouts each ComfyUI version loads
     "0.3.75": {"legacy_scaled_fp8", "header_e4m3", "cast_e4m3"},
     "0.33.0": {"legacy_scaled_fp8", "header_e4m3", "cast_e4m3", "comfy_quant_float8_e4m3fn",
-               "comfy_quant_float8_e5m2", "comfy_quant_int8_tensorwise", "comfy_quant_mxfp8", "comfy_quant_nvfp4"},
+               "comfy_quant_float8_e5m2", "comfy_quant_int8_tensorwise", "comfy_quant_int8_convrot", "comfy_quant_mxfp8",
+               "comfy_quant_nvfp4"},
 }
 
 
@@ -172,7 +184,7 @@ def test_dequantized_weights_match_comfyui(comfy_quant, layout_files, base_state
         model = load_transformer(files[name], ComponentDtype(dtype, dtype), "cpu")
         ours = transformer_to_original(model.state_dict(), prefix="")
         assert set(ours) == set(reference), (name, set(ours) ^ set(reference))
-        for key in targets(base_state, aligned=name.endswith(("mxfp8", "nvfp4"))):
+        for key in targets(base_state, aligned=name.endswith(("mxfp8", "nvfp4", "convrot"))):
             assert info["dtypes"][key] == str(dtype) or name == "cast_e4m3", (name, key, info["dtypes"][key])
         rounded = []
         for key, ref in reference.items():
@@ -225,10 +237,10 @@ def test_refused_formats_named(tmp_path, base_state):
     sd = dict(base_state)
     k = targets(base_state)[0]
     sd[k], sd[k[:-7] + ".weight_scale"] = q_int8(base_state[k])
-    sd[k[:-7] + ".comfy_quant"] = comfy_quant_tensor({"format": "int8_tensorwise", "params": {"convrot": True}})
-    save_file({a: b.contiguous() for a, b in sd.items()}, str(tmp_path / "convrot.safetensors"))
-    with pytest.raises(ZImageError, match="int8_convrot.*Hadamard.*bf16 file"):
-        load_transformer(tmp_path / "convrot.safetensors", ComponentDtype(torch.float32, torch.float32))
+    sd[k[:-7] + ".comfy_quant"] = comfy_quant_tensor({"format": "convrot_w4a4"})
+    save_file({a: b.contiguous() for a, b in sd.items()}, str(tmp_path / "w4a4.safetensors"))
+    with pytest.raises(ZImageError, match="convrot_w4a4.*4-bit ConvRot.*bf16 file"):
+        load_transformer(tmp_path / "w4a4.safetensors", ComponentDtype(torch.float32, torch.float32))
     sd[k[:-7] + ".comfy_quant"] = comfy_quant_tensor({"format": "svdquant_w4a4"})
     save_file({a: b.contiguous() for a, b in sd.items()}, str(tmp_path / "unknown.safetensors"))
     with pytest.raises(ZImageError, match="unknown quantization format 'svdquant_w4a4'"):
@@ -280,6 +292,6 @@ def test_fp8_file_generates_close_to_bf16(layout_files, tiny_split, tokenizer_di
         return z.generate("a quantized fox", seed=3, width=64, height=64, decode=False).latents
 
     ref = latents(tiny_split["transformer"])
-    for name in ("legacy_scaled_fp8", "comfy_quant_float8_e4m3fn", "comfy_quant_nvfp4"):
+    for name in ("legacy_scaled_fp8", "comfy_quant_float8_e4m3fn", "comfy_quant_nvfp4", "comfy_quant_int8_convrot"):
         rel = ((latents(files[name]) - ref).norm() / ref.norm()).item()
         assert 1e-5 < rel < 0.1, (name, rel)  # quantized, within fp8/fp4 noise (measured 0.018, 0.018, 0.051)

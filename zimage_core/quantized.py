@@ -14,14 +14,16 @@ Dequantization, in the compute dtype ``dt`` (ComfyUI's ``orig_dtype``; comfy-kit
 ================  ==========================================================================================
 float8_e4m3fn/    ``w.to(dt) * scale.to(dt)``
 float8_e5m2
-int8_tensorwise   ``(q.float() * scale).to(dt)``
+int8_tensorwise   ``(q.float() * scale).to(dt)``; with ``convrot`` (Comfy-Org's ``*_int8_convrot`` files) the
+                  fp32 product is rotated back per group of ``convrot_groupsize`` input columns by the normalised
+                  regular Hadamard matrix H (Kronecker powers of a symmetric 4x4, H @ H = I): ``W @ H.T``
 mxfp8             fp8 data * 2**(e8m0 - 127) per block of 32 columns, block scales in cuBLAS's swizzled
                   128x4 tile layout; fp32, then ``.to(dt)``; padded storage cut to the layer's shape
 nvfp4             two e2m1 codes per byte (high nibble first) * (``weight_scale_2``.to(dt) * fp8 block
                   scale.to(dt)) per block of 16 columns, swizzled like mxfp8; padded storage cut
 ================  ==========================================================================================
 
-int8 with ConvRot (Hadamard-rotated) weights, ``convrot_w4a4`` and ``asym_w4a8_int8`` are refused with a
+``convrot_w4a4`` (4-bit ConvRot) and ``asym_w4a8_int8`` are refused with a
 message naming the format. ComfyUI 0.3.75 knew only legacy scaled fp8 and e4m3 through the header, and
 computed fp8 as ``w.to(dt).mul_(scale)`` (one rounding instead of two in bf16; identical in fp32).
 """
@@ -37,11 +39,10 @@ from .errors import ZImageError
 
 COMPANION_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale", ".scale_weight",
                       ".scale_input", ".pre_quant_scale")
-SUPPORTED = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4")
+SUPPORTED = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "int8_convrot", "mxfp8", "nvfp4")
 REFUSED = {
     "convrot_w4a4": "4-bit ConvRot (Hadamard-rotated) weights",
     "asym_w4a8_int8": "asymmetric 4-bit weights with int8 activations",
-    "int8_convrot": "int8 ConvRot (Hadamard-rotated) weights",
 }
 INSTEAD = ("use the bf16 file (z_image_turbo_bf16.safetensors / qwen_3_4b.safetensors) with our fp8 storage option "
            "(transformer_storage / text_encoder_storage = fp8_e4m3fn), or an fp8 (float8_e4m3fn) file")
@@ -138,6 +139,18 @@ def unswizzle(blocked: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return plain[:rows, :cols]
 
 
+def hadamard(size: int) -> torch.Tensor:
+    """The normalised regular Hadamard matrix of ``size`` (a power of 4): Kronecker powers of
+    [[1,1,1,-1],[1,1,-1,1],[1,-1,1,1],[-1,1,1,1]], divided by sqrt(size)."""
+    if size < 4 or size & (size - 1) or (size.bit_length() - 1) % 2:
+        raise ZImageError(f"ConvRot group size {size} is not a power of 4; the file is damaged.")
+    h4 = torch.tensor([[1.0, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]])
+    h = h4
+    while h.shape[0] < size:
+        h = torch.kron(h, h4)
+    return h / size ** 0.5
+
+
 def e8m0_to_float(x: torch.Tensor) -> torch.Tensor:
     """Power-of-two scales 2**(e - 127) stored as one byte; 0 encodes 0 (comfy-kitchen's convention)."""
     e = x.view(torch.uint8).to(torch.int32)
@@ -167,6 +180,16 @@ def dequantize(name: str, tensor: torch.Tensor, companions: dict[str, torch.Tens
         raise ZImageError(f"{name} ({fmt}) has no weight_scale in the file; the file is incomplete.")
     if fmt == "int8_tensorwise":
         return (tensor.view(torch.int8).float() * scale).to(dtype)
+    if fmt == "int8_convrot":
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+        group = int(conf.get("convrot_groupsize", params.get("convrot_groupsize", 256)))
+        w = tensor.view(torch.int8).float() * scale
+        rows, cols = w.shape
+        if cols % group:
+            raise ZImageError(f"{name}: {cols} input columns are not a multiple of its ConvRot group {group}; "
+                              "the file is damaged.")
+        h = hadamard(group)
+        return torch.matmul(w.reshape(rows, cols // group, group), h.T).reshape(rows, cols).to(dtype)
     if fmt == "mxfp8":
         rows, cols = tensor.shape
         blocks = cols // 32
