@@ -294,4 +294,4 @@ def test_fp8_file_generates_close_to_bf16(layout_files, tiny_split, tokenizer_di
     ref = latents(tiny_split["transformer"])
     for name in ("legacy_scaled_fp8", "comfy_quant_float8_e4m3fn", "comfy_quant_nvfp4", "comfy_quant_int8_convrot"):
         rel = ((latents(files[name]) - ref).norm() / ref.norm()).item()
-        assert 1e-5 < rel < 0.1, (name, rel)  # quantized, within fp8/fp4 noise (measured 0.018, 0.018, 0.051)
+        assert 1e-5 < rel < 0.1, (name, rel)  # quantized, within fp8/fp4 noise (measured 0.018, 0.018, 0.051, 0.0055)
