@@ -2,10 +2,35 @@
 
 from .dtypes import ComponentDtype, DtypePolicy, resolve_policy
 from .errors import GenerationCancelled, ZImageError
+from .options import (ATTENTION_BACKENDS, COMPUTE_DTYPES, GUARD_POLICIES, LATENT_CHANNELS, MAX_BATCH, MAX_SIZE,
+                      MAX_STEPS, MAX_TILE_SIZE, MIN_SIZE, MIN_STEPS, MIN_TILE_SIZE, OFFLOAD_MODES, SIZE_MULTIPLE,
+                      STORAGE_DTYPES, TILE_SIZE_STEP)
 from .pipeline import GenerationResult, SpeedOptions, ZImage
-from .sampler import flow_sigmas, initial_noise, sample
+from .sampler import check_size, check_steps, initial_noise, sample
+from .samplers import SAMPLERS
+from .schedules import SCHEDULES, flow_sigmas, ksampler_sigmas
 
 __all__ = [
+    "ATTENTION_BACKENDS",
+    "COMPUTE_DTYPES",
+    "GUARD_POLICIES",
+    "LATENT_CHANNELS",
+    "MAX_BATCH",
+    "MAX_SIZE",
+    "MAX_STEPS",
+    "MAX_TILE_SIZE",
+    "MIN_SIZE",
+    "MIN_STEPS",
+    "MIN_TILE_SIZE",
+    "OFFLOAD_MODES",
+    "SIZE_MULTIPLE",
+    "STORAGE_DTYPES",
+    "TILE_SIZE_STEP",
+    "SAMPLERS",
+    "SCHEDULES",
+    "ksampler_sigmas",
+    "check_size",
+    "check_steps",
     "ComponentDtype",
     "DtypePolicy",
     "GenerationCancelled",

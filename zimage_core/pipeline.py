@@ -19,15 +19,30 @@ import torch
 from . import loading, sampler, vae as vae_ops
 from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser
+from .attention import check_backend
 from .fp8 import scaled_mm_available
 from .offload import Offloader, place
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
+from .inputs import check_device, check_generate_args, out_of_memory_error, read_json
 from .text_encoding import PromptEncoder
+from .weights import TransformerWeights, WeightOwner
 from .tokenizer import PromptTokenizer, find_tokenizer
 
 log = logging.getLogger("zimage_core")
 DEFAULT_SHIFT = 3.0
+
+
+def _check_strength(strength) -> float:
+    import math
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or abs(strength) > 100:
+        raise ZImageError(f"LoRA strength {strength!r} is not allowed: use a number in -100..100 (1 is the LoRA as "
+                          "trained, 0 turns it off).")
+    return float(strength)
+# model -> the ZImage using it (weakly both ways): a cached load hands a model to a new ZImage, the old one lets go
+_USERS: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
 def default_device() -> torch.device:
@@ -40,7 +55,7 @@ def default_device() -> torch.device:
 
 def _shift_of(model_dir: Path | None) -> float:
     if model_dir and (model_dir / "scheduler" / "scheduler_config.json").is_file():
-        cfg = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+        cfg = read_json(model_dir / "scheduler" / "scheduler_config.json")
         if cfg.get("use_dynamic_shifting"):
             raise ZImageError(f"{model_dir}: dynamic shifting is not the Z-Image recipe (shift 3).")
         return float(cfg.get("shift", DEFAULT_SHIFT))
@@ -78,6 +93,7 @@ class ZImage:
         self._adopt(transformer, text_encoder, vae)
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device)
         self.guard = None
+        self.loras: dict[str, tuple] = {}  # name -> (LoraFile, strength), in the order they apply
         self.offloader = Offloader(self)
         if offload == "none":  # a model taken over from an offloaded ZImage may sit on the CPU
             for model in (transformer, text_encoder, vae):
@@ -116,7 +132,11 @@ class ZImage:
         instead of read again (``loading.cached_load``), so changing one dtype or the offload mode reloads
         only what changed; the ZImage that had it gives it up. The ComfyUI loader node loads this way.
         """
-        device = torch.device(device) if device else default_device()
+        for what, value in (("model", model), ("transformer", transformer), ("text_encoder", text_encoder),
+                            ("vae", vae), ("tokenizer", tokenizer)):
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ZImageError(f"{what} must be a path (str or Path), got {value!r} ({type(value).__name__}).")
+        device = check_device(device) or default_device()
         model_dir = Path(model) if model else None
         if model_dir is not None and not (model_dir / "model_index.json").is_file():
             raise ZImageError(
@@ -132,6 +152,9 @@ class ZImage:
                         "(transformer, text encoder, VAE)."
                     )
                 parts[name] = model_dir / name
+            elif model_dir is not None and Path(value).is_file() and (model_dir / name / "config.json").is_file():
+                # a split file given with a model folder: that folder's config, not one guessed from shapes
+                parts[name] = (Path(value), model_dir / name)
         policy = resolve_policy(device, dtype, storage, overrides)
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
         stats: list = []
@@ -139,18 +162,18 @@ class ZImage:
         load = loading.cached_load if reuse else loading.load_component
         models = {c: load(c, parts[c], policy.for_component(c), where, stats)
                   for c in ("transformer", "text_encoder", "vae")}
-        sources = {k: str(v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
+        sources = {k: str(v[0] if isinstance(v, tuple) else v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
         return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir),
                    sources=sources, speed=speed, offload=offload)
 
     def _adopt(self, *models) -> None:
         """Take the models over from a previous ``ZImage`` (a cached load): its hooks go, weights come back."""
         for model in models:
-            owner = model.__dict__.get("_zimage_owner")
-            previous = owner() if owner is not None else None
+            user = _USERS.get(model)
+            previous = user() if user is not None else None
             if previous is not None and previous is not self:
                 previous.release()
-            model._zimage_owner = weakref.ref(self)
+            _USERS[model] = weakref.ref(self)
 
     def release(self) -> None:
         """Give the models up: remove the guard's wrappers and the offload hooks (weights stay where they are)."""
@@ -161,25 +184,75 @@ class ZImage:
 
     def set_speed(self, speed: SpeedOptions) -> None:
         """Choose the transformer path: the reference loop, or the fast one with its options."""
+        check_backend(speed.attention)
         self.speed = speed
+        self._make_denoiser()
+
+    def _make_denoiser(self) -> None:
+        """The denoiser for the current speed options and guard (cheap: the weights' owner keeps the fused views,
+        compiled code is shared by every denoiser)."""
+        speed, compute = self.speed, self.policy.transformer.compute
         if not speed.fast:
-            denoiser = Denoiser(self.transformer, self.device)
+            self.denoiser = Denoiser(self.transformer, self.device, dtype=compute, attention=speed.attention,
+                                     guard=self.guard)
         else:
             fp8 = speed.fp8_matmul
             if fp8 == "auto":
                 fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
-            denoiser = FastDenoiser(self.transformer, self.device, compile=speed.compile, attention=speed.attention,
-                                    fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph, fuse_ffn=speed.fuse_ffn)
-        denoiser.guard = self.guard
-        self.denoiser = denoiser
-        if self.offloader.mode != "none":  # new fused weights must join the offloaded tensors: apply again
-            mode = self.offloader.mode
-            self.offloader.detach()
-            self.offloader.apply(mode)
+            self.denoiser = FastDenoiser(self.transformer, self.device, dtype=compute, compile=speed.compile,
+                                         attention=speed.attention, fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph,
+                                         fuse_ffn=speed.fuse_ffn, guard=self.guard)
+            self.offloader.refresh()  # newly fused weights join the offloaded tensors
+            self.denoiser.streamer = self.offloader.transformer_streamer
 
     def set_offload(self, mode: str) -> None:
         """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
         self.offloader.apply(mode)
+        if isinstance(self.denoiser, FastDenoiser):
+            self.denoiser.streamer = self.offloader.transformer_streamer
+
+    # ---------------------------------------------------------------- LoRA
+    def load_lora(self, source, strength: float = 1.0, name: str | None = None):
+        """Merge a LoRA file (every naming ComfyUI maps, and Musubi-tuner's) into the transformer and, when it has
+        such keys, the text encoder; returns the parsed ``lora.LoraFile``. Keys that match nothing are logged one
+        by one with their likely cause (``LoraFile.unmatched``). Several LoRAs stack in the order loaded."""
+        from .lora import load_lora
+
+        lora = source if hasattr(source, "transformer") else load_lora(
+            source, shapes=TransformerWeights.of(self.transformer).canonical_shapes(),
+            text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()})
+        for line in lora.unmatched_lines():
+            log.warning("%s", line)
+        self.loras[name or lora.name] = (lora, _check_strength(strength))
+        self._merge_loras()
+        return lora
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        """Change a loaded LoRA's strength; the weights are recomputed from their originals (0 restores them)."""
+        if name not in self.loras:
+            raise ZImageError(f"no LoRA named {name!r} is loaded: loaded are {', '.join(self.loras) or 'none'}.")
+        self.loras[name] = (self.loras[name][0], _check_strength(strength))
+        self._merge_loras()
+
+    def remove_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (all with ``None``): the weights it changed get their original values back, bit for bit,
+        without reading the checkpoint again."""
+        if name is not None and name not in self.loras:
+            raise ZImageError(f"no LoRA named {name!r} is loaded: loaded are {', '.join(self.loras) or 'none'}.")
+        for key in [name] if name is not None else list(self.loras):
+            del self.loras[key]
+        self._merge_loras()
+
+    def _merge_loras(self) -> None:
+        self.offloader.finish()  # offloaded weights point at their CPU masters: merge there, where they persist
+        for component, model in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
+            patches: dict[str, list] = {}
+            for lora, strength in self.loras.values():
+                for target, plist in getattr(lora, component).items():
+                    patches.setdefault(target, []).extend((p, strength) for p in plist)
+            owner = TransformerWeights.of(model) if component == "transformer" else WeightOwner.of(model)
+            if owner.merge(patches) and component == "text_encoder":
+                self.prompt_encoder.clear_cache()
 
     def default_guard_policy(self) -> str:
         """auto when any component computes in fp16, else off."""
@@ -193,9 +266,12 @@ class ZImage:
         policy = policy or self.default_guard_policy()
         if self.guard is not None:
             self.guard.detach()
-        self.guard = self.denoiser.guard = self.prompt_encoder.guard = None
+        self.guard = None
         if policy != "off":
-            PrecisionGuard(policy, self.device).attach(self)
+            models = {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
+            self.guard = PrecisionGuard(policy, self.device).attach(models)
+        self.prompt_encoder.guard = self.guard
+        self._make_denoiser()
         return self.guard
 
     # ---------------------------------------------------------------- the recipe
@@ -205,7 +281,9 @@ class ZImage:
     def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
         kwargs.setdefault("shift", self.shift)
         self.offloader.before("transformer")
-        return sampler.sample(self.denoiser, cap_feats, **kwargs)
+        if isinstance(self.denoiser, FastDenoiser):
+            self.denoiser.streamer = self.offloader.transformer_streamer
+        return sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
 
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
         self.offloader.before("vae")  # the exact tiled decode calls the decoder's parts, not vae.decode
@@ -233,35 +311,38 @@ class ZImage:
         tile_size: int = 512,
         tile_overlap: int = 64,
     ) -> GenerationResult:
-        """Text (and optionally an init image) to images, following the reference recipe."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if batch_size < 1:
-            raise ZImageError(f"batch size {batch_size} is out of range: use 1 or more.")
-        prompts = [p for p in prompts for _ in range(batch_size)]
-        sampler.check_size(width, height)
-        cap_feats = self.encode_prompt(prompts)
-        negative_feats = None
-        if guidance > 0:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negatives = [n for n in negatives for _ in range(batch_size)]
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            negative_feats = self.encode_prompt(negatives)
-        init_latents = None
-        if init_image is not None:
-            if init_image.shape[1:3] != (height, width):
+        """Text (and optionally an init image) to images, following the reference recipe.
+
+        Every argument is checked (``inputs.check_generate_args``) before any work; a non-finite result ends in a
+        ``ZImageError`` naming the component that produced it, never in a black image.
+        """
+        prompts, negatives, init_image = check_generate_args(
+            prompt, seed=seed, steps=steps, width=width, height=height, batch_size=batch_size, guidance=guidance,
+            negative_prompt=negative_prompt, denoise=denoise, init_image=init_image, decode=decode,
+            tiled_decode=tiled_decode, tile_size=tile_size, tile_overlap=tile_overlap)
+        try:
+            cap_feats = self.encode_prompt(prompts)
+            negative_feats = self.encode_prompt(negatives) if negatives is not None else None
+            for feats in (cap_feats, negative_feats or []):
+                if not all(bool(torch.isfinite(f).all()) for f in feats):
+                    raise ZImageError(
+                        f"the text encoder gave NaN or Inf embeddings ({self.policy.text_encoder}): fp16 overflow "
+                        "(use bf16/fp32 or the precision guard 'auto') or NaN weights in the text encoder file.")
+            init_latents = self.encode_image(init_image) if init_image is not None else None
+            if self.guard is not None:
+                self.guard.begin_run()
+            latents = self.sample(cap_feats, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
+                                  negative_feats=negative_feats, denoise=denoise, init_latents=init_latents,
+                                  callback=callback)
+            if not bool(torch.isfinite(latents).all()):
                 raise ZImageError(
-                    f"the init image is {init_image.shape[2]}x{init_image.shape[1]} but {width}x{height} was asked "
-                    "for: resize the image or change width/height."
-                )
-            init_latents = self.encode_image(init_image)
-        if self.guard is not None:
-            self.guard.begin_run()
-        latents = self.sample(cap_feats, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
-                              negative_feats=negative_feats, denoise=denoise, init_latents=init_latents,
-                              callback=callback)
-        images = (self.decode(latents, tiled=tiled_decode, tile_size=tile_size, overlap=tile_overlap)
-                  if decode else None)
+                    f"the transformer gave NaN or Inf latents ({self.policy.transformer}, guidance {guidance:g}): "
+                    "no image is made. Causes: a guidance too large, fp16 overflow without the precision guard "
+                    "(use set_precision_guard('auto') or bf16/fp32), NaN weights or a NaN init image.")
+            images = (self.decode(latents, tiled=tiled_decode, tile_size=tile_size, overlap=tile_overlap)
+                      if decode else None)
+        except torch.OutOfMemoryError as err:
+            raise out_of_memory_error(err, len(prompts), width, height, self.device) from None
         self.offloader.finish()
         report = self.guard.report() if self.guard is not None else {}
         return GenerationResult(images=images, latents=latents, report=report)

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import torch
 
-from .cuda_graphs import EncoderGraphs
+from .cuda_graphs import EncoderGraphs, graphs_usable
 from .tokenizer import PromptTokenizer
 
 
@@ -50,8 +50,7 @@ class PromptEncoder:
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(self.device)
-        if self.graphs is not None and not hasattr(self.text_encoder, "_hf_hook") and not (
-                self.guard is not None and (self.guard.probing or self.guard.policy == "clamp")):
+        if self.graphs is not None and graphs_usable(self.text_encoder, self.guard):
             out = self.graphs(self.text_encoder, ids, self._run)
             if out is not None:
                 return out

@@ -8,10 +8,14 @@
   numbers);
 - fp8 weights with their per-row scales (``FP8Linear``), seen through the same views;
 - the precision guard's sticky blocks: which block runs in which higher dtype, and that dtype's copy;
+- LoRA merges (``merge``): each patched weight is recomputed from its original, kept on the CPU, and written in
+  place (fp8 weights are requantized with fresh row scales), so fused views, CUDA graphs and offload masters see
+  the new values; strength 0 or a removed LoRA writes the original back bit for bit;
 - a ``version`` that changes whenever any of this changes (a sticky block, new weights, a LoRA merge). CUDA graphs
   key on it, offload re-collects its tensors when it moved, so a change of weights is picked up everywhere.
 
-Text encoder and VAE only have sticky blocks: ``WeightOwner.of(model)`` gives theirs. Owners are found through a
+The text encoder and the VAE have sticky blocks and (the text encoder) LoRA merges too: ``WeightOwner.of(model)``
+gives theirs. Owners are found through a
 weak registry keyed by the model, so state never lives in attributes stamped on torch modules and dies with
 the model. The guard and LoRA change weights only through these objects.
 """
@@ -26,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import BlockShape, BlockWeights, Linear, linear_of
+from .fp8 import quantize_rowwise
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, WeightOwner]" = weakref.WeakKeyDictionary()
 
@@ -45,6 +50,7 @@ class WeightOwner:
         self.version = 0
         self.sticky: dict[str, torch.dtype] = {}  # block name -> the dtype it runs in
         self._copies: dict[tuple[str, torch.dtype], nn.Module] = {}
+        self._originals: dict[str, tuple] = {}  # weight name -> (CPU copy, fp8 scale copy) while a LoRA changes it
 
     @classmethod
     def of(cls, model: nn.Module) -> "WeightOwner":
@@ -89,6 +95,49 @@ class WeightOwner:
         """Forget the higher-precision copies (they are remade from the current weights when next needed)."""
         self._copies.clear()
         self.changed()
+
+    # ------------------------------------------------------------------ LoRA merges
+    def target(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the tensor holding weight ``name``, its fp8 row scale or None), written in place by ``merge``."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        scale = getattr(module, "weight_scale", None) if attr == "weight" else None
+        return getattr(module, attr), scale
+
+    def merge(self, patches: dict[str, list]) -> int:
+        """Make the weights equal their originals plus ``patches`` (name -> [(Patch, strength)], in order).
+
+        Weights patched before and not now go back to their originals. Returns how many weights changed."""
+        touched = set(self._originals) | {n for n, plist in patches.items() if any(s for _, s in plist)}
+        with torch.no_grad():
+            for name in touched:
+                weight, scale = self.target(name)
+                if name not in self._originals:
+                    self._originals[name] = (weight.detach().to("cpu", copy=True),
+                                             None if scale is None else scale.detach().to("cpu", copy=True))
+                original, original_scale = self._originals[name]
+                active = [(p, s) for p, s in patches.get(name, []) if s]
+                if not active:  # strength 0 or removed: the original, bit for bit
+                    weight.copy_(original)
+                    if scale is not None:
+                        scale.copy_(original_scale)
+                    del self._originals[name]
+                    continue
+                merged = original.to(weight.device, torch.float32, copy=True)  # never the kept original itself
+                if original_scale is not None:
+                    merged = merged * original_scale.to(weight.device).float()
+                for patch, strength in active:
+                    view = merged if patch.rows is None else merged.narrow(0, patch.rows[0], patch.rows[1])
+                    view += patch.delta(view, strength).to(view.device)
+                if scale is not None:  # fp8: fresh row scales for the merged weight
+                    w8, new_scale = quantize_rowwise(merged)
+                    weight.copy_(w8)
+                    scale.copy_(new_scale.to(scale.dtype))
+                else:
+                    weight.copy_(merged.to(weight.dtype))
+        if touched:
+            self.drop_copies()  # sticky high-precision copies were made from the old weights
+        return len(touched)
 
 
 @dataclass
@@ -158,6 +207,37 @@ class TransformerWeights(WeightOwner):
         return BlockWeights(modulation, norms, fused.qkv, linear_of(attn.to_out[0]), ffn,
                             linear_of(block.feed_forward.w2))
 
+    def target(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight ``name`` in the original checkpoint layout (LoRA's canonical names): the fused q/k/v matrix for
+        ``…attention.qkv.weight``, the diffusers parameter otherwise."""
+        from .lora import diffusers_name
+
+        block, _, rest = name.partition(".attention.qkv.")
+        if rest and block in self.blocks:
+            fused = self.fused(block).qkv
+            return fused.weight, fused.scale
+        return super().target(diffusers_name(name))
+
+    def canonical_shapes(self) -> dict[str, tuple]:
+        """Every weight by its original-layout name (what LoRA files name), with its shape."""
+        from .lora import diffusers_name
+
+        params = dict(self.model.named_parameters())
+        shapes = {}
+        for name, p in params.items():
+            shapes[name] = tuple(p.shape)
+        for block in self.blocks:
+            q = params[f"{block}.attention.to_q.weight"]
+            shapes[f"{block}.attention.qkv.weight"] = (3 * q.shape[0], q.shape[1])
+        out = {}
+        for canonical in _canonical_names(shapes, self.blocks):
+            try:
+                out[canonical] = shapes[diffusers_name(canonical)] if not canonical.endswith(".attention.qkv.weight") \
+                    else shapes[canonical]
+            except KeyError:
+                continue
+        return out
+
     def extra_tensors(self, names=None) -> list[torch.Tensor]:
         """Tensors the fast path uses that no module holds as a parameter (the fused matrices made so far) of the
         named blocks (all by default), for offload."""
@@ -184,3 +264,20 @@ def diffusers_block_weights(block: nn.Module, fuse_ffn: bool = False) -> BlockWe
              block.ffn_norm2.weight, attn.norm_q.weight, attn.norm_k.weight)
     return BlockWeights(modulation, norms, qkv, linear_of(attn.to_out[0]), w13 if fuse_ffn else (w1, w3),
                         linear_of(ffn.w2))
+
+
+_TO_ORIGINAL = {".attention.to_out.0.": ".attention.out.", ".attention.norm_q.": ".attention.q_norm.",
+                ".attention.norm_k.": ".attention.k_norm.", "all_x_embedder.2-1.": "x_embedder.",
+                "all_final_layer.2-1.": "final_layer."}
+
+
+def _canonical_names(shapes: dict[str, tuple], blocks) -> list[str]:
+    """Original-layout names of a diffusers Z-Image transformer's parameters (to_q/k/v folded into qkv)."""
+    names = []
+    for name in shapes:
+        if any(f".attention.to_{x}." in name for x in "qkv"):
+            continue
+        for old, new in _TO_ORIGINAL.items():
+            name = name.replace(old, new)
+        names.append(name)
+    return names
