@@ -50,3 +50,10 @@ from .formats import DOWNLOADS  # noqa: E402
 from .vae import to_model_space, to_vae_space  # noqa: E402
 
 __all__ += ["DOWNLOADS", "to_model_space", "to_vae_space"]
+
+# Input checks for every entry point (appended): the API, the CLI and the nodes raise the same messages.
+from .inputs import (check_batch_size, check_denoise, check_generate_args, check_guidance,  # noqa: E402
+                     check_init_image, check_output_paths, check_prompts, check_seed, check_tile_args)
+
+__all__ += ["check_batch_size", "check_denoise", "check_generate_args", "check_guidance", "check_init_image",
+            "check_output_paths", "check_prompts", "check_seed", "check_tile_args"]
