@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels as _kernels
 from .attention import attention
 from .fp8 import fp8_linear, is_fp8
 
@@ -79,6 +80,8 @@ def _linear(x: torch.Tensor, lin: Linear, fp8_matmul: bool) -> torch.Tensor:
 
 def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """diffusers' RMSNorm: statistics in fp32, cast to the compute dtype, then scaled."""
+    if _kernels.active(x) and _kernels.rows_ok(x):  # eager CUDA: one fused pass (kernels.py); this code is the reference
+        return _kernels.rms_norm(x, weight, eps)
     if weight.dtype != x.dtype:
         weight = weight.to(x.dtype)
     xf = x.float()
@@ -88,6 +91,8 @@ def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Complex multiplication by (cos + i sin) on interleaved pairs, in fp32 like the reference."""
+    if _kernels.active(x) and _kernels.rope_supported(x, cos):  # eager CUDA: one fused pass (kernels.py)
+        return _kernels.rope(x, cos, sin)
     pairs = x.float().unflatten(-1, (-1, 2))
     x1, x2 = pairs[..., 0], pairs[..., 1]
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
@@ -100,27 +105,39 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     modulation, norms, qkv_w, out_w, ffn_w, w2_w = weights
     heads, eps, qk_eps = shape
     n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
+    fused = _kernels.active(x)  # eager CUDA: fused Triton kernels, same roundings (kernels.py); never when compiling
     if modulation is not None:
         mod = _linear(adaln, modulation, False).unsqueeze(1)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        h = rms(x, n_attn1, eps) * scale_msa
+        h = _kernels.rms_norm(x, n_attn1, eps, scale_msa) if fused else rms(x, n_attn1, eps) * scale_msa
     else:
         h = rms(x, n_attn1, eps)
     batch, seq, dim = x.shape
-    q, k, v = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads).unbind(2)
-    q = rope(rms(q, n_q, qk_eps), cos, sin)
-    k = rope(rms(k, n_k, qk_eps), cos, sin)
+    qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
+    if fused and _kernels.qk_supported(qkv, cos):
+        (q, k), v = _kernels.qk_norm_rope(qkv, n_q, n_k, qk_eps, cos, sin), qkv[:, :, 2]
+    else:
+        q, k, v = qkv.unbind(2)
+        q = rope(rms(q, n_q, qk_eps), cos, sin)
+        k = rope(rms(k, n_k, qk_eps), cos, sin)
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
     o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
-    o = rms(o, n_attn2, eps)
-    x = x + gate_msa * o if modulation is not None else x + o
-    h = rms(x, n_ffn1, eps)
-    h = h * scale_mlp if modulation is not None else h
+    if fused:  # residual, gate and the FFN's norm in one pass
+        x, h = _kernels.residual(x, o, n_attn2, eps, gate_msa if modulation is not None else None, n_ffn1, eps,
+                                 scale_mlp if modulation is not None else None)
+    else:
+        o = rms(o, n_attn2, eps)
+        x = x + gate_msa * o if modulation is not None else x + o
+        h = rms(x, n_ffn1, eps)
+        h = h * scale_mlp if modulation is not None else h
     if isinstance(ffn_w, Linear):
         g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
     else:
         g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    f = rms(_linear(F.silu(g1) * g3, w2_w, fp8_matmul), n_ffn2, eps)
+    f = _linear(_kernels.silu_mul(g1, g3) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+    if fused:
+        return _kernels.residual(x, f, n_ffn2, eps, gate_mlp if modulation is not None else None)
+    f = rms(f, n_ffn2, eps)
     return x + gate_mlp * f if modulation is not None else x + f

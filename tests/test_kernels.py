@@ -1,0 +1,256 @@
+"""The fused eager-path kernels (zimage_core/kernels.py) equal the torch reference of blocks.py, on the CPU.
+
+Triton's interpreter runs the kernels on CPU tensors, but only if ``TRITON_INTERPRET=1`` is set before the
+kernels are defined (when ``zimage_core.blocks`` is first imported), so the checks run in one child process (this
+file run as a script) that prints its measurements as JSON; the tests here assert on them. Kernel results are
+compared with the torch reference on random inputs of odd sizes and strided (non-contiguous) layouts: fp32 to 1e-5
+(only the order of the fp32 sum of squares differs), bf16/fp16 bit for bit or within one ulp of the compute dtype
+(the kernels make the reference's roundings, see kernels.py), and a whole ``block_forward`` with kernels on vs off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ULP = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}  # spacing at 1.0
+
+
+# ------------------------------------------------------------------------------------ the child process
+def _err(ours: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Max error in units of the compute dtype's ulp at the reference's magnitude, share of unequal elements."""
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, (ours.shape, ref.shape, ours.dtype, ref.dtype)
+    o, r = ours.double(), ref.double()
+    ulp = ULP[str(ref.dtype).split(".")[-1]] * torch.clamp(r.abs(), min=2.0 ** -10)
+    return {"max_abs": (o - r).abs().max().item(), "max_ulps": ((o - r).abs() / ulp).max().item(),
+            "unequal": (ours != ref).double().mean().item(), "finite": bool(torch.isfinite(o).all()),
+            "rel_l2": ((o - r).norm() / r.norm().clamp_min(1e-30)).item()}
+
+
+def _strided(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a twice-as-long tensor along ``dim``)."""
+    shape = list(t.shape)
+    shape[dim] *= 2
+    big = torch.zeros(shape, dtype=t.dtype)
+    idx = [slice(None)] * t.dim()
+    idx[dim] = slice(0, None, 2)
+    big[tuple(idx)] = t
+    out = big[tuple(idx)]
+    assert not out.is_contiguous()
+    return out
+
+
+def _checks() -> dict:
+    import torch.nn.functional as F
+
+    from zimage_core import blocks, kernels
+    from zimage_core.tiny import build_tiny_models
+    from zimage_core.weights import TransformerWeights
+
+    assert kernels.available()
+    g = torch.Generator().manual_seed(0)
+    res = {}
+
+    def rnd(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def reference(fn, *args):
+        with kernels.enabled(False):
+            return fn(*args)
+
+    calls = {}
+    for name in ("rms_norm", "residual", "silu_mul", "qk_norm_rope", "rope"):  # count what the dispatch calls
+        fn = getattr(kernels, name)
+
+        def counted(*a, _fn=fn, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+
+        setattr(kernels, name, counted)
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dt).split(".")[-1]
+        # (a) RMSNorm: odd width, 2-4 dims, strided rows and strided last dim, weight stored in another dtype
+        for n, shape in ((37, (3, 5)), (100, (2, 7)), (64, (2, 3, 4))):
+            x = rnd(*shape, n, dtype=dt, scale=3.0)
+            w = rnd(n, scale=0.3) + 1.0  # fp32 weight, cast to the compute dtype as the reference does
+            res[f"rms_{tag}_{n}"] = _err(kernels.rms_norm(x, w, 1e-6), reference(blocks.rms, x, w, 1e-6))
+            xs = _strided(x)
+            res[f"rms_{tag}_{n}_strided"] = _err(kernels.rms_norm(xs, w, 1e-6), reference(blocks.rms, xs, w, 1e-6))
+            xt = _strided(x, 0)
+            res[f"rms_{tag}_{n}_strided_rows"] = _err(blocks.rms(xt, w, 1e-6), reference(blocks.rms, xt, w, 1e-6))
+        # (a) with the modulation multiply: (1 + scale) of a [B, 1, N] chunk, broadcast over the sequence
+        x = rnd(2, 9, 48, dtype=dt)
+        mod = rnd(2, 1, 4 * 48, dtype=dt, scale=0.5)
+        scale = 1.0 + mod.chunk(4, dim=2)[0]
+        w = rnd(48, dtype=dt, scale=0.2) + 1
+        res[f"rms_scale_{tag}"] = _err(kernels.rms_norm(x, w, 1e-5, scale), reference(blocks.rms, x, w, 1e-5) * scale)
+        # (d) gated residual, with and without the fused next norm
+        o = _strided(rnd(2, 9, 48, dtype=dt, scale=4.0))
+        gate = mod.chunk(4, dim=2)[1].tanh()
+        w2 = rnd(48, dtype=dt, scale=0.2) + 1
+        ref_x = x + gate * reference(blocks.rms, o, w, 1e-5)
+        ref_h = reference(blocks.rms, ref_x, w2, 1e-6) * scale
+        new_x, h = kernels.residual(x, o, w, 1e-5, gate, w2, 1e-6, scale)
+        res[f"residual_{tag}"] = _err(new_x, ref_x)
+        res[f"residual_next_{tag}"] = _err(h, ref_h)
+        res[f"residual_plain_{tag}"] = _err(kernels.residual(x, o, w, 1e-5), x + reference(blocks.rms, o, w, 1e-5))
+        _, h = kernels.residual(x, o, w, 1e-5, None, w2, 1e-6)
+        res[f"residual_next_noscale_{tag}"] = _err(h, reference(blocks.rms, x + reference(blocks.rms, o, w, 1e-5),
+                                                               w2, 1e-6))
+        # (c) SiLU(g1) * g3 on the strided halves of a fused matmul result, odd width
+        g13 = rnd(2, 5, 2 * 75, dtype=dt, scale=3.0)
+        g1, g3 = g13.chunk(2, dim=-1)
+        res[f"silu_mul_{tag}"] = _err(kernels.silu_mul(g1, g3), F.silu(g1) * g3)
+        # (b) q/k norm + RoPE out of [B, S, 3, H, D] (odd head count, cos broadcast over the batch or not)
+        for heads, d, cb in ((3, 16, 2), (5, 32, 1), (1, 8, 2)):
+            qkv = rnd(2, 7, 3, heads, d, dtype=dt, scale=2.0)
+            ang = torch.rand(cb, 7, 1, d // 2, generator=g) * 6.28
+            cos, sin = ang.cos(), ang.sin()
+            wq, wk = rnd(d, dtype=dt, scale=0.3) + 1, rnd(d, dtype=dt, scale=0.3) + 1
+            q, k = kernels.qk_norm_rope(qkv, wq, wk, 1e-5, cos, sin)
+            rq = reference(lambda: blocks.rope(blocks.rms(qkv[:, :, 0], wq, 1e-5), cos, sin))
+            rk = reference(lambda: blocks.rope(blocks.rms(qkv[:, :, 1], wk, 1e-5), cos, sin))
+            res[f"qk_rope_{tag}_{heads}x{d}_q"] = _err(q, rq)
+            res[f"qk_rope_{tag}_{heads}x{d}_k"] = _err(k, rk)
+            res[f"qk_rope_{tag}_{heads}x{d}_layout"] = {"contiguous": q.is_contiguous() and k.is_contiguous(),
+                                                        "shape": list(q.shape)}
+            # a strided qkv (a transposed buffer), and RoPE alone on a strided q
+            qkv_t = qkv.transpose(0, 1).contiguous().transpose(0, 1)
+            q2, _ = kernels.qk_norm_rope(qkv_t, wq, wk, 1e-5, cos, sin)
+            res[f"qk_rope_{tag}_{heads}x{d}_strided"] = _err(q2, rq)
+            xq = qkv[:, :, 2]
+            res[f"rope_{tag}_{heads}x{d}"] = _err(blocks.rope(xq, cos, sin), reference(blocks.rope, xq, cos, sin))
+
+    res["rope_calls"] = calls.get("rope", 0)  # the standalone RoPE went through blocks.rope's dispatch
+    # whole blocks (modulated, unmodulated), kernels on vs off, fp32 and bf16 compute, fused and split FFN
+    transformer = build_tiny_models(seed=0)[0]
+    owner = TransformerWeights.of(transformer)
+    dim = transformer.config.dim
+    head_dim = dim // transformer.config.n_heads
+    for dt in (torch.float32, torch.bfloat16):
+        tag = str(dt).split(".")[-1]
+        for name, fuse in (("layers.1", True), ("noise_refiner.0", False), ("context_refiner.0", True)):
+            x = rnd(2, 11, dim, dtype=dt)
+            ang = torch.rand(2, 11, 1, head_dim // 2, generator=g) * 6.28
+            cos, sin = ang.cos(), ang.sin()
+            adaln = rnd(2, min(dim, 256), dtype=dt)
+            mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+            mask[1, ..., 8:] = False
+            view = owner.block(name, fuse)
+            if dt != torch.float32:
+                view = owner.block(name, fuse, module=owner.high_precision_copy(name, owner.blocks[name], dt))
+            args = (x, mask, cos, sin, adaln, view, owner.shape, False)
+            before = dict(calls)
+            ours = blocks.block_forward(*args)
+            used = {k: calls.get(k, 0) - before.get(k, 0) for k in calls}
+            ref = reference(blocks.block_forward, *args)
+            res[f"block_{name}_{tag}"] = dict(_err(ours, ref), calls=used)
+    # under torch.compile the kernels step aside: dynamo traces the plain torch ops (backend "eager": no C++ build)
+    x = rnd(2, 11, dim)
+    ang = torch.rand(2, 11, 1, head_dim // 2, generator=g) * 6.28
+    args = (x, None, ang.cos(), ang.sin(), rnd(2, min(dim, 256)), owner.block("layers.0"), owner.shape, False)
+    before = dict(calls)
+    compiled = torch.compile(blocks.block_forward, backend="eager", fullgraph=True)(*args)
+    res["compiled"] = dict(_err(compiled, reference(blocks.block_forward, *args)),
+                           calls={k: calls.get(k, 0) - before.get(k, 0) for k in calls})
+    # and with the kernels switched off, the dispatch calls none of them
+    before = dict(calls)
+    with kernels.enabled(False):
+        blocks.block_forward(*args)
+    res["off"] = {"calls": {k: calls.get(k, 0) - before.get(k, 0) for k in calls}}
+    return res
+
+
+# ------------------------------------------------------------------------------------ the tests
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", ZIMAGE_KERNELS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _within(m: dict, dtype: str, fp32_tol: float = 1e-5):
+    assert m["finite"], m
+    if dtype == "float32":
+        assert m["max_abs"] <= fp32_tol, m
+    else:  # the reference's roundings, made in the same places: at most one ulp where fp32 sat on a boundary
+        assert m["max_ulps"] <= 1.0 + 1e-9, m
+        assert m["unequal"] <= 0.02, m
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_rms_norm_matches_reference(measured, dtype):
+    keys = [k for k in measured if k.startswith(f"rms_{dtype}_") or k == f"rms_scale_{dtype}"]
+    assert len(keys) == 10, keys
+    for k in keys:
+        _within(measured[k], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gated_residual_and_next_norm_match_reference(measured, dtype):
+    for k in ("residual", "residual_next", "residual_plain", "residual_next_noscale"):
+        _within(measured[f"{k}_{dtype}"], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_silu_mul_matches_reference(measured, dtype):
+    _within(measured[f"silu_mul_{dtype}"], dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_qk_norm_rope_matches_reference(measured, dtype):
+    for heads, d in ((3, 16), (5, 32), (1, 8)):
+        for part in ("q", "k", "strided"):
+            _within(measured[f"qk_rope_{dtype}_{heads}x{d}_{part}"], dtype)
+        _within(measured[f"rope_{dtype}_{heads}x{d}"], dtype)
+        layout = measured[f"qk_rope_{dtype}_{heads}x{d}_layout"]
+        assert layout == {"contiguous": True, "shape": [2, 7, heads, d]}  # [B, S, H, D], as the reference
+    assert measured["rope_calls"] == 9  # 3 dtypes x 3 shapes, each through blocks.rope's dispatch
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["layers.1", "noise_refiner.0", "context_refiner.0"])
+def test_block_forward_with_kernels_matches_without(measured, dtype, name):
+    m = measured[f"block_{name}_{dtype}"]
+    # every fused spot was taken: first norm, q/k norm + RoPE, residual (x2), SiLU·gate
+    used = {k: v for k, v in m["calls"].items() if v}
+    assert used == {"rms_norm": 1, "qk_norm_rope": 1, "residual": 2, "silu_mul": 1}, m["calls"]
+    assert m["finite"], m
+    if dtype == "float32":
+        assert m["max_abs"] <= 1e-5, m
+    else:  # rare one-ulp differences, carried through the matmuls: far below bf16's own noise (eps 7.8e-3)
+        assert m["rel_l2"] <= 1e-3, m
+
+
+def test_kernels_step_aside_when_compiling_or_off(measured):
+    assert all(v == 0 for v in measured["compiled"]["calls"].values()), measured["compiled"]
+    assert measured["compiled"]["max_abs"] == 0.0, measured["compiled"]  # the plain torch ops, traced
+    assert all(v == 0 for v in measured["off"]["calls"].values()), measured["off"]
+
+
+def test_kernels_off_on_the_cpu_by_default():
+    """Without the interpreter (this process), CPU tensors never take the kernels: the torch code runs."""
+    from zimage_core import kernels
+
+    assert not kernels.active(torch.zeros(2, 4))
+    with kernels.enabled(True):  # forced on, still not on the CPU without the interpreter
+        assert kernels.active(torch.zeros(2, 4)) == (os.environ.get("TRITON_INTERPRET") == "1" and kernels.available())
+    with pytest.raises(ValueError, match="auto"):
+        kernels.set_mode("fast")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest (it sets TRITON_INTERPRET=1)"
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(1)
+    print(json.dumps(_checks()))

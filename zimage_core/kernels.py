@@ -1,0 +1,324 @@
+"""Fused Triton kernels for the eager (uncompiled) transformer path.
+
+Why: an eager bf16 step at 1024² spent ~75 of its ~150 ms in unfused elementwise kernels (H200 profile,
+``benchmarks/results/raw/eager_step_profile_h200.txt``): every RMSNorm is six passes over the activations in fp32
+(float, pow, mean, rsqrt, to, mul), RoPE five more on q and on k, and the modulation multiply, tanh gate,
+residual add and SiLU·gate one pass each. Each kernel here reads its inputs once and writes its result once.
+
+Which kernels (``benchmarks/bench_eager.py`` times each against the torch reference and its ``torch.compile``):
+
+- ``rms_norm(x, w, eps, scale)``: RMSNorm, optionally times the ``(1 + scale)`` modulation.
+- ``qk_norm_rope(qkv, wq, wk, eps, cos, sin)``: the q and k RMSNorms and RoPE, read straight out of the
+  ``[B, S, 3, H, D]`` qkv matmul result, written as ``[B, S, H, D]`` (the layout the reference hands SDPA,
+  transposed to ``[B, H, S, D]`` as a view). ``rope(x, cos, sin)`` is the same kernel without the norm.
+- ``residual(x, o, w, eps, gate, w_next, scale_next)``: ``x + gate * rms(o, w)`` and, fused in the same pass,
+  the next norm ``rms(x_new, w_next) * scale_next`` (the FFN's input), so ``x_new`` is not read again.
+- ``silu_mul(g1, g3)``: ``silu(g1) * g3`` on the (possibly strided) halves of the fused w1/w3 matmul.
+
+Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
+diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
+times the weight rounded, times ``(1 + scale)`` rounded; rope in fp32 from the rounded norm, rounded once; gate
+product rounded, then the residual sum rounded; silu rounded before the multiply. What differs from torch eager:
+the order of the fp32 sum of squares (a tree in one program instead of torch's reduction kernel), the hardware
+rsqrt, and Triton may contract ``a*b - c*d`` in RoPE into an fma. Each is ≤ a few fp32 ulps before the rounding
+to bf16, so a bf16 result differs from the reference by at most one bf16 ulp, and only where the fp32 value sat
+on a rounding boundary (measured on random inputs: tests/test_kernels.py; fp32 results agree to 1e-6).
+
+When: only on CUDA tensors (or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``, when forced on —
+the tests), only when Triton imports, never while ``torch.compile`` traces (``torch.compiler.is_compiling()``:
+inductor fuses the plain torch ops itself and must keep seeing them), never for tensors that need gradients.
+``ZIMAGE_KERNELS=0`` turns them off, ``=1`` forces them on (the interpreter tests); ``enabled(...)`` does the
+same from code. Shapes the kernels don't cover (a head dim that is not a power of two, more than four dims) fall
+back to the torch code, silently and correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
+    import triton
+    import triton.language as tl
+
+    _TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    _TRITON = False
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MODE = {"0": "off", "1": "on"}.get(os.environ.get("ZIMAGE_KERNELS", ""), "auto")
+
+
+def available() -> bool:
+    """Whether the fused kernels can run at all here (Triton importable)."""
+    return _TRITON
+
+
+def set_mode(mode: str) -> None:
+    """``"auto"`` (CUDA tensors only), ``"on"`` (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"off"``."""
+    global _MODE
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"kernel mode {mode!r}: use 'auto', 'on' or 'off'")
+    _MODE = mode
+
+
+@contextlib.contextmanager
+def enabled(on: bool | None = True):
+    """Kernels forced on (``True``), off (``False``) or automatic (``None``) inside the block."""
+    previous = _MODE
+    set_mode("auto" if on is None else ("on" if on else "off"))
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def active(x: torch.Tensor) -> bool:
+    """Whether the block maths should take the fused kernels for activations ``x``."""
+    if torch.compiler.is_compiling() or _MODE == "off" or not _TRITON:  # first: dynamo folds it, no guards
+        return False
+    if x.dtype not in _DTYPES or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if x.is_cuda:
+        return True
+    return _MODE == "on" and _INTERPRET and x.device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _lead3(t: torch.Tensor, shape: torch.Size) -> tuple[int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` (``[*lead, N]``, at most 3 leading dims), leading dims padded to 3."""
+    t = t.expand(shape)
+    st = list(t.stride()[:-1])
+    return tuple([0] * (3 - len(st)) + st)
+
+
+def _sizes3(shape) -> tuple[int, int, int]:
+    lead = list(shape[:-1])
+    return tuple([1] * (3 - len(lead)) + lead)
+
+
+def _last_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _warps(block: int) -> int:
+    return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+
+
+def rows_ok(x: torch.Tensor) -> bool:
+    """The row kernels cover 1 to 4 dims."""
+    return 1 <= x.dim() <= 4 and x.numel() > 0
+
+
+if _TRITON:
+
+    @triton.jit
+    def _round(x, DT: tl.constexpr):
+        """``x`` (fp32) rounded to the compute dtype ``DT`` and back, as torch stores each intermediate. bf16 rounds
+        to nearest even on the bits: the same on the GPU (where ``.to(bfloat16)`` would do it too) and in Triton's
+        CPU interpreter (whose bf16 cast truncates: 3.8's ``_convert_float``)."""
+        if DT == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        elif DT == tl.float16:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
+    def _rms_rows(x, n, eps, w_ptr, offs, mask, DT: tl.constexpr):
+        """Reference ``rms``: fp32 statistics, rounded to the compute dtype, times the weight (cast to it), rounded."""
+        var = tl.sum(x * x, axis=0) / n
+        y = _round(x * tl.math.rsqrt(var + eps), DT)
+        w = _round(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), DT)
+        return _round(y * w, DT)
+
+    @triton.jit
+    def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n, eps, n1, n2,
+                    xs0, xs1, xs2, ss0, ss1, ss2,
+                    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        i2 = row % n2
+        i1 = (row // n2) % n1
+        i0 = row // (n1 * n2)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2 + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _rms_rows(x, n, eps, w_ptr, offs, mask, DT)
+        if HAS_SCALE:  # ``scale`` is the already rounded ``1 + scale`` of the reference; the product rounds once
+            s = tl.load(s_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs, mask=mask, other=0.0).to(tl.float32)
+            y = y * s
+        tl.store(y_ptr + row * n + offs, _round(y, DT).to(DT), mask=mask)
+
+    @triton.jit
+    def _residual_kernel(x_ptr, o_ptr, w_ptr, g_ptr, w2_ptr, s2_ptr, out_ptr, h_ptr, n, eps, eps2, n1, n2,
+                         xs0, xs1, xs2, os0, os1, os2, gs0, gs1, gs2, ss0, ss1, ss2,
+                         HAS_GATE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        i2 = row % n2
+        i1 = (row // n2) % n1
+        i0 = row // (n1 * n2)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        DT: tl.constexpr = out_ptr.dtype.element_ty
+        o = tl.load(o_ptr + i0 * os0 + i1 * os1 + i2 * os2 + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _rms_rows(o, n, eps, w_ptr, offs, mask, DT)
+        if HAS_GATE:  # gate = tanh(gate), rounded by the caller as the reference does; the product rounds
+            g = tl.load(g_ptr + i0 * gs0 + i1 * gs1 + i2 * gs2 + offs, mask=mask, other=0.0).to(tl.float32)
+            y = _round(g * y, DT)
+        x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2 + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + y, DT)
+        tl.store(out_ptr + row * n + offs, x.to(DT), mask=mask)
+        if HAS_NEXT:  # the next norm on the new residual stream, from registers
+            h = _rms_rows(tl.where(mask, x, 0.0), n, eps2, w2_ptr, offs, mask, DT)
+            if HAS_SCALE:
+                s = tl.load(s2_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs, mask=mask, other=0.0).to(tl.float32)
+                h = h * s
+            tl.store(h_ptr + row * n + offs, _round(h, DT).to(DT), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        i2 = row % n2
+        i1 = (row // n2) % n1
+        i0 = row // (n1 * n2)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        a = tl.load(a_ptr + i0 * as0 + i1 * as1 + i2 * as2 + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + i0 * bs0 + i1 * bs1 + i2 * bs2 + offs, mask=mask, other=0.0).to(tl.float32)
+        s = _round(a / (1.0 + tl.exp(-a)), DT)  # F.silu's result, rounded as torch stores it
+        tl.store(y_ptr + row * n + offs, _round(s * b, DT).to(DT), mask=mask)
+
+    @triton.jit
+    def _qk_rope_kernel(x_ptr, wq_ptr, wk_ptr, c_ptr, s_ptr, y_ptr, heads, seq, eps,
+                        xsb, xss, xsw, xsh, csb, css, out_stride,
+                        HAS_NORM: tl.constexpr, BH: tl.constexpr, D: tl.constexpr):
+        """One token (all heads) of q (program_id(1) == 0) or k (== 1): [rms →] RoPE on interleaved pairs."""
+        tok = tl.program_id(0).to(tl.int64)
+        which = tl.program_id(1)
+        b = tok // seq
+        s = tok % seq
+        HALF: tl.constexpr = D // 2
+        DT: tl.constexpr = y_ptr.dtype.element_ty
+        h = tl.arange(0, BH)
+        d = tl.arange(0, D)
+        hmask = h < heads
+        mask = hmask[:, None] & (d[None, :] < D)
+        base = x_ptr + b * xsb + s * xss + which * xsw
+        x = tl.load(base + h[:, None] * xsh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            var = tl.sum(x * x, axis=1) / D
+            x = _round(x * tl.math.rsqrt(var + eps)[:, None], DT)
+            if which == 0:
+                w = _round(tl.load(wq_ptr + d).to(tl.float32), DT)
+            else:
+                w = _round(tl.load(wk_ptr + d).to(tl.float32), DT)
+            x = _round(x * w[None, :], DT)
+        x1, x2 = tl.split(tl.reshape(x, (BH, HALF, 2)))
+        j = tl.arange(0, HALF)
+        c = tl.load(c_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
+        sn = tl.load(s_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
+        y = tl.reshape(tl.join(x1 * c - x2 * sn, x1 * sn + x2 * c), (BH, D))
+        out = y_ptr + which * out_stride + tok * heads * D
+        tl.store(out + h[:, None] * D + d[None, :], _round(y, DT).to(DT), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``blocks.rms(x, weight, eps)`` (times ``scale``, broadcast to ``x``, when given) in one pass; ``x`` may be a
+    strided view with up to 4 dims. Contiguous result in ``x``'s dtype."""
+    x = _last_contig(x)
+    n = x.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    n0, n1, n2 = _sizes3(x.shape)
+    block = triton.next_power_of_2(n)
+    s = _last_contig(scale) if scale is not None else x
+    _rms_kernel[(n0 * n1 * n2,)](x, weight, s, out, n, float(eps), n1, n2, *_lead3(x, x.shape),
+                                 *_lead3(s, x.shape), HAS_SCALE=scale is not None, BLOCK=block,
+                                 num_warps=_warps(block))
+    return out
+
+
+def residual(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
+             next_weight: torch.Tensor | None = None, next_eps: float | None = None,
+             next_scale: torch.Tensor | None = None):
+    """``x + gate * rms(o, weight, eps)`` (``x + rms(o)`` without gate) in one pass. With ``next_weight``, also
+    ``rms(x_new, next_weight, next_eps) * next_scale`` from the same registers: returns ``(x_new, h)``."""
+    x, o = _last_contig(x), _last_contig(o)
+    n = x.shape[-1]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    h = torch.empty_like(out) if next_weight is not None else out
+    n0, n1, n2 = _sizes3(x.shape)
+    block = triton.next_power_of_2(n)
+    g = _last_contig(gate) if gate is not None else x
+    s = _last_contig(next_scale) if next_scale is not None else x
+    _residual_kernel[(n0 * n1 * n2,)](
+        x, o, weight, g, next_weight if next_weight is not None else weight, s, out, h, n, float(eps),
+        float(next_eps if next_eps is not None else eps), n1, n2, *_lead3(x, x.shape), *_lead3(o, x.shape),
+        *_lead3(g, x.shape), *_lead3(s, x.shape), HAS_GATE=gate is not None, HAS_NEXT=next_weight is not None,
+        HAS_SCALE=next_scale is not None, BLOCK=block, num_warps=_warps(block))
+    return (out, h) if next_weight is not None else out
+
+
+def silu_mul(g1: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
+    """``F.silu(g1) * g3`` in one pass (the halves of the fused w1/w3 result may be strided views)."""
+    g1, g3 = _last_contig(g1), _last_contig(g3)
+    n = g1.shape[-1]
+    out = torch.empty(g1.shape, device=g1.device, dtype=g1.dtype)
+    n0, n1, n2 = _sizes3(g1.shape)
+    block = min(2048, triton.next_power_of_2(n))
+    grid = (n0 * n1 * n2, triton.cdiv(n, block))
+    _silu_mul_kernel[grid](g1, g3, out, n, n1, n2, *_lead3(g1, g1.shape), *_lead3(g3, g1.shape), BLOCK=block,
+                           num_warps=_warps(block))
+    return out
+
+
+def rope_supported(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """The fused RoPE covers ``x`` [B, S, H, D] with D a power of two ≥ 2 and fp32 ``cos``/``sin`` [B or 1, S, 1, D/2]."""
+    if x.dim() != 4 or cos.dim() != 4 or x.numel() == 0:
+        return False
+    b, s, _, d = x.shape
+    return (d >= 2 and d & (d - 1) == 0 and cos.shape[1:] == (s, 1, d // 2) and cos.shape[0] in (1, b))
+
+
+def _rope_launch(src: torch.Tensor, plane_stride: int, planes: int, wq, wk, eps, cos, sin, shape, dtype):
+    b, s, heads, d = shape
+    cos, sin = _last_contig(cos), _last_contig(sin)
+    if sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty((planes, b, s, heads, d), device=src.device, dtype=dtype)
+    csb = cos.stride(0) if cos.shape[0] > 1 else 0
+    bh = triton.next_power_of_2(heads)
+    _qk_rope_kernel[(b * s, planes)](
+        src, wq if wq is not None else cos, wk if wk is not None else cos, cos, sin, out, heads, s,
+        float(eps), src.stride(0), src.stride(1), plane_stride, src.stride(2 if planes == 1 else 3), csb,
+        cos.stride(1), b * s * heads * d, HAS_NORM=wq is not None, BH=bh, D=d, num_warps=_warps(bh * d))
+    return out
+
+
+def qk_norm_rope(qkv: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float, cos: torch.Tensor,
+                 sin: torch.Tensor):
+    """``rope(rms(q, wq, eps), cos, sin)`` and the same for k, read from ``qkv`` [B, S, 3, H, D] (the fused matmul's
+    result viewed per head); returns q and k as contiguous [B, S, H, D] (the reference's layout)."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    b, s, _, heads, d = qkv.shape
+    out = _rope_launch(qkv, qkv.stride(2), 2, wq, wk, eps, cos, sin, (b, s, heads, d), qkv.dtype)
+    return out[0], out[1]
+
+
+def qk_supported(qkv: torch.Tensor, cos: torch.Tensor) -> bool:
+    return qkv.dim() == 5 and qkv.shape[2] == 3 and rope_supported(qkv[:, :, 0], cos)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``blocks.rope`` (fp32 pair rotation, one rounding) in one pass; ``x`` [B, S, H, D] may be strided."""
+    x = _last_contig(x)
+    return _rope_launch(x, 0, 1, None, None, 0.0, cos, sin, tuple(x.shape), x.dtype)[0]
