@@ -211,3 +211,13 @@ def test_cli_numpy_free_of_tracebacks_for_corrupt_model(tmp_path, tiny_dir, caps
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "vae/config.json is not valid JSON" in err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_out_of_memory_gives_the_estimate_and_the_fix(zimage, monkeypatch):
+    def too_big(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(zimage, "sample", too_big)
+    with pytest.raises(ZImageError, match=r"4 image\(s\) of 64x64 do not fit in cpu memory: one more allocation of "
+                                          r"20.00 GiB failed.*smaller batch \(e.g. 2\), offload"):
+        zimage.generate("a fox", steps=1, width=64, height=64, batch_size=4)

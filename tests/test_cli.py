@@ -61,3 +61,34 @@ def test_tiled_decode_png_equals_untiled(tmp_path, tiny_dir):
     tiled = np.asarray(Image.open(tmp_path / "tiled.png")).astype(int)
     assert plain.shape == tiled.shape == (160, 192, 3)
     assert np.abs(plain - tiled).max() <= 2
+
+
+def run_failing(*args, env=None):
+    result = subprocess.run([sys.executable, "-m", "zimage_core", *map(str, args)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **(env or {})})
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, tiny_dir):
+    no_gpu = {"CUDA_VISIBLE_DEVICES": ""}
+    assert "no usable CUDA GPU" in run_failing("generate", "--model", tiny_dir, "--device", "cuda",
+                                               "--out", tmp_path / "a.png", env=no_gpu)
+    assert "has extension .txt" in run_failing("generate", "--model", tiny_dir, "--out", tmp_path / "a.txt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": [0, 16]}  ')
+    line = run_failing("generate", "--model", tiny_dir, "--transformer", bad, "--device", "cpu", "--width", "64",
+                       "--height", "64", "--out", tmp_path / "b.png")
+    assert "bad.safetensors is not a valid safetensors file: tensor 'a': the entry must be an object" in line
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_init_image_png_round_trip_and_batch_names(tmp_path, tiny_dir):
+    """An 8-bit PNG init image is read as 0..1 (not refused as 0..255); a batch writes name_1, name_2."""
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "init.png")
+    run_cli("generate", "--model", tiny_dir, "--init-image", tmp_path / "init.png", "--denoise", "0.5",
+            "--steps", "2", "--width", "64", "--height", "64", "--batch-size", "2", "--device", "cpu",
+            "--out", tmp_path / "out.png")
+    assert (tmp_path / "out_1.png").is_file() and (tmp_path / "out_2.png").is_file()
