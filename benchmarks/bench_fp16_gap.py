@@ -46,10 +46,11 @@ from common import (
 )
 
 from zimage_core import SpeedOptions, ZImage
-from zimage_core.dtypes import ComponentDtype, resolve_policy
+from zimage_core.dtypes import resolve_policy
 from zimage_core.fast_denoiser import FastDenoiser
 from zimage_core.sampler import sample
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer
+from zimage_core.weights import plain_copy
 
 TOKENS = 4224
 SHAPES = {"qkv": (3840, 11520), "out": (3840, 3840), "w1": (3840, 10240), "w2": (10240, 3840)}  # (K, N)
@@ -131,8 +132,6 @@ def bf16_and_fp16(device, tiny: bool, opts: SpeedOptions, fp16_copies: int = 1):
     text encoder and VAE), and the bf16 embeddings of a 128-token prompt."""
     transformer, _, our_te, vae = build_models(device, torch.bfloat16, tiny=tiny)
     copies = [copy.deepcopy(transformer).half() for _ in range(fp16_copies)]  # before fusing: no fused copies
-    for t in copies:
-        t.zimage_dtype = ComponentDtype(torch.float16, torch.float16)
     tokenizer = PromptTokenizer(find_tokenizer())
     zb = ZImage(transformer, our_te, vae, tokenizer, resolve_policy(device, "bf16"), device, speed=opts)
     emb = zb.encode_prompt(prompt_of_tokens(tokenizer, 128))
@@ -262,13 +261,9 @@ def main():
         sync()
         results["guard_first_run_with_detection_s"] = time.perf_counter() - start
         results["guard_sticky_blocks"] = guard_p.sticky()
-        zb_planted = copy.deepcopy(t16p).to(torch.bfloat16)  # the planted weights in bf16, for the error
-        for m in zb_planted.modules():
-            for attr in ("_zimage_hp_dtype", "_zimage_hp_copies", "_zimage_fused", "_zimage_guard", "forward"):
-                m.__dict__.pop(attr, None)
-        zb_planted.zimage_dtype = ComponentDtype(torch.bfloat16, torch.bfloat16)
+        zb_planted = plain_copy(t16p, torch.bfloat16)  # the planted weights in bf16, for the error
         # A plain denoiser, not a ZImage: a ZImage would take the text encoder over and release z16p's guard.
-        reference = sample(FastDenoiser(zb_planted, device), emb, shift=3.0, **kw)
+        reference = sample(FastDenoiser(zb_planted, device, dtype=torch.bfloat16), emb, shift=3.0, **kw)
         results["guard_planted_rel_l2_vs_bf16"] = rel_l2(repaired, reference)
         del zb_planted
         probes_before = guard_p.probe_runs

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from zimage_core import ZImage  # noqa: E402
 from zimage_core.dtypes import resolve_policy  # noqa: E402
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer  # noqa: E402
+from zimage_core.weights import TransformerWeights  # noqa: E402
 
 LOAD = """
 import json, resource, sys, time, torch
@@ -65,9 +66,9 @@ def drop_page_cache() -> bool:
 
 
 def unfuse(model):
-    """Forget the fast path's fused weights (plain tensors that ``Module.to`` would not move)."""
-    for m in model.modules():
-        m.__dict__.pop("_zimage_fused", None)
+    """Let the weights' owner drop its fused matrices (plain tensors that ``Module.to`` would not move)."""
+    if hasattr(model, "layers") and hasattr(model, "noise_refiner"):
+        TransformerWeights.of(model).forget_fused()
     return model
 
 

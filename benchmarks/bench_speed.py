@@ -22,8 +22,9 @@ import torch
 from common import Results, build_models, fp8_copy, out_dir, peak_gib, prompt_of_tokens, rel_l2, section, sync, timed
 
 from zimage_core import SpeedOptions, ZImage  # noqa: E402
-from zimage_core.dtypes import ComponentDtype, resolve_policy  # noqa: E402
+from zimage_core.dtypes import resolve_policy  # noqa: E402
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer  # noqa: E402
+from zimage_core.weights import WeightOwner  # noqa: E402
 
 STEP_FLOP_1024 = 56.5e12  # one transformer call at 1024^2 (facts section 7)
 
@@ -194,7 +195,6 @@ def main():
     @section("fp16 and the precision guard")
     def fp16(results):
         transformer.to(torch.float16)
-        transformer.zimage_dtype = ComponentDtype(torch.float16, torch.float16)
         emb16 = [e.to(torch.float16) for e in emb]
         z16 = ZImage(transformer, our_te, vae, tokenizer, resolve_policy(device, "bf16", overrides={
             "transformer": ("fp16", "fp16")}), device)
@@ -224,6 +224,7 @@ def main():
                 ffn = transformer.get_submodule(name).feed_forward
                 ffn.w1.weight.mul_(scale)
                 ffn.w3.weight.mul_(scale)
+        WeightOwner.of(transformer).clear_sticky()
         z16.set_precision_guard("off")
         results["planted_plain_fp16_finite"] = bool(torch.isfinite(plain()).all())
         guard = z16.set_precision_guard("auto")
@@ -238,7 +239,6 @@ def main():
         results["guard_probe_runs_after_first"] = guard.probe_runs
         # The repaired fp16 result against a bf16 run of the same planted weights.
         transformer.to(torch.bfloat16)
-        transformer.zimage_dtype = ComponentDtype(torch.bfloat16, torch.bfloat16)
         zb = ZImage(transformer, our_te, vae, tokenizer, policy, device)
         zb.set_speed(opts)
         results["guard_planted_rel_l2_vs_bf16"] = rel_l2(first, zb.sample(emb, **gen_kw))
@@ -247,8 +247,7 @@ def main():
                 ffn = transformer.get_submodule(name).feed_forward
                 ffn.w1.weight.div_(scale)
                 ffn.w3.weight.div_(scale)
-                for attr in ("_zimage_hp_dtype", "_zimage_hp_copies"):
-                    transformer.get_submodule(name).__dict__.pop(attr, None)
+        WeightOwner.of(transformer).clear_sticky()
         z16.set_precision_guard("off")
 
     @section("fp8")

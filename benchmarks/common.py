@@ -61,7 +61,7 @@ def build_models(device, dtype, tiny=False, seed=0):
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from zimage_core.dtypes import ComponentDtype
+    from zimage_core.dtypes import ComponentDtype, set_component_dtype
 
     t_cfg, te_cfg, v_cfg = configs(tiny)
     previous = torch.get_default_dtype()
@@ -83,20 +83,18 @@ def build_models(device, dtype, tiny=False, seed=0):
     ours.config.num_hidden_layers -= 1
     for m in (transformer, full, ours, vae):
         m.eval().requires_grad_(False)
-        m.zimage_dtype = ComponentDtype(dtype, dtype)
+        set_component_dtype(m, ComponentDtype(dtype, dtype))
     return transformer, full, ours, vae
 
 
 def fp8_copy(transformer, compute_dtype=torch.bfloat16, work_device=None):
     """A copy with e4m3 row-scaled block linears (``loading``'s choice of layers), quantized layer by layer on
     ``work_device`` (default: where the weights are)."""
-    from zimage_core.dtypes import ComponentDtype
+    from zimage_core.dtypes import ComponentDtype, set_component_dtype
     from zimage_core.fp8 import FP8Linear
     from zimage_core.loading import TRANSFORMER_FP8_LINEARS
 
     q = copy.deepcopy(transformer)
-    for m in q.modules():  # the fast path's fused weights are plain tensors a copy must not keep
-        m.__dict__.pop("_zimage_fused", None)
     for name, module in list(q.named_modules()):
         if isinstance(module, nn.Linear) and name.endswith(TRANSFORMER_FP8_LINEARS) and (
                 name.startswith("layers.") or "refiner." in name):
@@ -107,7 +105,7 @@ def fp8_copy(transformer, compute_dtype=torch.bfloat16, work_device=None):
             if module.bias is not None:
                 layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
             setattr(q.get_submodule(parent), child, layer)
-    q.zimage_dtype = ComponentDtype(torch.float8_e4m3fn, compute_dtype)
+    set_component_dtype(q, ComponentDtype(torch.float8_e4m3fn, compute_dtype))
     return q
 
 

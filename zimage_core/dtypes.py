@@ -7,6 +7,7 @@ resolved ``DtypePolicy``; nothing else picks a dtype.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -179,3 +180,16 @@ def apply_storage_casting(model, cdtype: ComponentDtype, skip: tuple[str, ...] =
             continue
         for param in own:
             param.data = param.data.to(compute)
+
+
+# model -> the ComponentDtype it was loaded with (weakly: dies with the model; no attribute on the module)
+_LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def set_component_dtype(model, cdtype: ComponentDtype) -> None:
+    _LOADED[model] = cdtype
+
+
+def component_dtype(model) -> ComponentDtype | None:
+    """The storage/compute dtypes a model was loaded with (None for a model built elsewhere)."""
+    return _LOADED.get(model)

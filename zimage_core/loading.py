@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from . import formats
-from .dtypes import ComponentDtype, apply_storage_casting, dtype_name
+from .dtypes import ComponentDtype, apply_storage_casting, component_dtype, dtype_name, set_component_dtype
 from .errors import ZImageError
 from .fp8 import FP8Linear, swap_linears
 from .quantized import QuantizedReader, split_fp8_rows
@@ -143,7 +143,7 @@ def _finish(model: nn.Module, expected: set[str], loaded: set[str], source: str,
     model.eval().requires_grad_(False)
     if cdtype.storage != cdtype.compute and cdtype.storage != torch.float8_e4m3fn:
         apply_storage_casting(model, cdtype, skip=("norm", "t_embedder", "cap_embedder", "rotary_emb"))
-    model.zimage_dtype = cdtype
+    set_component_dtype(model, cdtype)
     return model
 
 
@@ -295,5 +295,5 @@ def _record(stats, name, nbytes, start):
 
 
 def describe_dtype(model: nn.Module) -> str:
-    cdtype = getattr(model, "zimage_dtype", None)
+    cdtype = component_dtype(model)
     return str(cdtype) if cdtype else dtype_name(next(model.parameters()).dtype)

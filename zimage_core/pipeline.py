@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import loading, sampler, vae as vae_ops
+from . import loading, sampler, samplers, vae as vae_ops
 from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser
 from .attention import check_backend
@@ -310,8 +310,10 @@ class ZImage:
         tiled_decode: bool | str = "auto",
         tile_size: int = 512,
         tile_overlap: int = 64,
+        sampler: str = "euler",
     ) -> GenerationResult:
-        """Text (and optionally an init image) to images, following the reference recipe.
+        """Text (and optionally an init image) to images, following the reference recipe. ``sampler``: ``euler``
+        (the diffusers reference) or ``res_multistep`` (ComfyUI's Z-Image template).
 
         Every argument is checked (``inputs.check_generate_args``) before any work; a non-finite result ends in a
         ``ZImageError`` naming the component that produced it, never in a black image.
@@ -320,6 +322,7 @@ class ZImage:
             prompt, seed=seed, steps=steps, width=width, height=height, batch_size=batch_size, guidance=guidance,
             negative_prompt=negative_prompt, denoise=denoise, init_image=init_image, decode=decode,
             tiled_decode=tiled_decode, tile_size=tile_size, tile_overlap=tile_overlap)
+        samplers.new(sampler)  # an unknown name fails here, before any work
         try:
             cap_feats = self.encode_prompt(prompts)
             negative_feats = self.encode_prompt(negatives) if negatives is not None else None
@@ -333,7 +336,7 @@ class ZImage:
                 self.guard.begin_run()
             latents = self.sample(cap_feats, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
                                   negative_feats=negative_feats, denoise=denoise, init_latents=init_latents,
-                                  callback=callback)
+                                  callback=callback, sampler=sampler)
             if not bool(torch.isfinite(latents).all()):
                 raise ZImageError(
                     f"the transformer gave NaN or Inf latents ({self.policy.transformer}, guidance {guidance:g}): "

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from .dtypes import dtype_name
+from .dtypes import component_dtype, dtype_name
 from .errors import ZImageError
 from .inputs import check_tile_args, check_tiled
 from .options import MAX_TILE_SIZE
@@ -22,7 +22,7 @@ log = logging.getLogger("zimage_core")
 
 
 def vae_dtype(vae) -> torch.dtype:
-    cdtype = getattr(vae, "zimage_dtype", None)
+    cdtype = component_dtype(vae)
     return cdtype.compute if cdtype else next(vae.parameters()).dtype
 
 

@@ -78,18 +78,13 @@ class WeightOwner:
         others registered on the original (the guard's, layerwise casting) are not carried over."""
         key = (name, dtype)
         if key not in self._copies:
-            clone = copy.deepcopy(module)
-            for sub in clone.modules():  # hooks live in the instance dict (diffusers/accelerate registries)
-                for attr in ("forward", "_diffusers_hook", "_hf_hook", "_old_forward"):
-                    sub.__dict__.pop(attr, None)
-                sub._forward_hooks.clear()
-                sub._forward_pre_hooks.clear()
-            clone.to(dtype)
-            for sub in clone.modules():
-                if hasattr(sub, "compute_dtype"):
-                    sub.compute_dtype = dtype
-            self._copies[key] = clone
+            self._copies[key] = plain_copy(module, dtype)
         return self._copies[key]
+
+    def clear_sticky(self) -> None:
+        """Forget every sticky block (benchmarks and tests start over with it)."""
+        self.sticky.clear()
+        self.drop_copies()
 
     def drop_copies(self) -> None:
         """Forget the higher-precision copies (they are remade from the current weights when next needed)."""
@@ -138,6 +133,23 @@ class WeightOwner:
         if touched:
             self.drop_copies()  # sticky high-precision copies were made from the old weights
         return len(touched)
+
+
+def plain_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """A deep copy of ``module`` (in ``dtype`` when given) that runs its class's forward: the hooks others
+    registered on the original (the guard's, layerwise casting, offload) are not carried over."""
+    clone = copy.deepcopy(module)
+    for sub in clone.modules():  # hooks live in the instance dict (diffusers/accelerate registries)
+        for attr in ("forward", "_diffusers_hook", "_hf_hook", "_old_forward"):
+            sub.__dict__.pop(attr, None)
+        sub._forward_hooks.clear()
+        sub._forward_pre_hooks.clear()
+    if dtype is not None:
+        clone.to(dtype)
+        for sub in clone.modules():
+            if hasattr(sub, "compute_dtype"):
+                sub.compute_dtype = dtype
+    return clone
 
 
 @dataclass
@@ -206,6 +218,13 @@ class TransformerWeights(WeightOwner):
         ffn = fused.w13 if fuse_ffn else (linear_of(block.feed_forward.w1), linear_of(block.feed_forward.w3))
         return BlockWeights(modulation, norms, fused.qkv, linear_of(attn.to_out[0]), ffn,
                             linear_of(block.feed_forward.w2))
+
+    def forget_fused(self) -> None:
+        """Drop the fused matrices (e.g. before ``model.to(...)``, which would leave them behind); the modules keep
+        their weights as views until they are re-fused on next use."""
+        self._fused.clear()
+        self.layout += 1
+        self.changed()
 
     def target(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Weight ``name`` in the original checkpoint layout (LoRA's canonical names): the fused q/k/v matrix for
