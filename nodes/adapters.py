@@ -172,6 +172,18 @@ def make_room(nbytes: int, device: torch.device) -> None:
     mm.free_memory(nbytes, torch.device(device))
 
 
+def lora_file(name: str) -> str:
+    """The path of a LoRA file in ComfyUI's ``models/loras``, or an error saying where it was looked for."""
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        searched = ", ".join(folder_paths.get_folder_paths("loras")) or "models/loras"
+        raise ZImageError(f"LoRA file '{name}' was not found in ComfyUI/models/loras/ (searched: {searched}). Put it "
+                          "there and refresh the page (R).")
+    return path
+
+
 def load_model(model_dir: str | None, files: dict[str, str | None], dtype: str, options: LoadOptions) -> "ModelHandle":
     """``ZImage.load`` on ComfyUI's device, after making room for the weights (when they stay on the GPU)."""
     import comfy.model_management
@@ -195,13 +207,19 @@ class ModelHandle:
 
     zimage: ZImage
     guard: str | None = None  # None: the core default (auto with fp16 compute, else off)
+    loras: tuple = ()  # ((file path, strength), ...) in the order the LoRA nodes are chained
 
     def with_guard(self, policy: str) -> "ModelHandle":
         return replace(self, guard=policy)
 
+    def with_lora(self, path: str, strength: float) -> "ModelHandle":
+        return replace(self, loras=self.loras + ((path, float(strength)),))
+
     def ready(self, guard_override: str | None = None) -> ZImage:
-        """The model with this handle's precision-guard policy (or ``guard_override``) attached."""
+        """The model with this handle's LoRAs merged (only what changed since the last run is merged again) and its
+        precision-guard policy (or ``guard_override``) attached."""
         zimage = self.zimage
+        zimage.set_loras(self.loras)
         if guard_override in (GUARD_FROM_MODEL, LEGACY_GUARD_FROM_MODEL):
             guard_override = None
         policy = guard_override or self.guard or zimage.default_guard_policy()
@@ -212,7 +230,9 @@ class ModelHandle:
         return zimage
 
     def __repr__(self) -> str:  # shown by ComfyUI in error reports
-        return f"ZTurboModel({self.zimage.policy.describe()} on {self.zimage.device}, guard={self.guard or 'default'})"
+        loras = "".join(f", LoRA {os.path.basename(p)} x{s:g}" for p, s in self.loras)
+        return (f"ZTurboModel({self.zimage.policy.describe()} on {self.zimage.device}, guard={self.guard or 'default'}"
+                f"{loras})")
 
 
 def guard_report(zimage) -> str:

@@ -154,3 +154,25 @@ def test_unmatched_keys_are_logged_one_by_one(tiny_dir, tmp_path, lora_dir, capl
     assert any("lora_unet_input_blocks_1_0_emb_layers_1" in line and "SD" in line for line in lines), lines
     assert any("diffusion_model.layers.0.attention.qkv.lora_up.weight" in line for line in lines), lines
     assert len(lora.unmatched) >= 2
+
+
+def test_set_loras_makes_the_merged_set_exactly_the_list(tiny_dir, lora_dir):
+    """What the ComfyUI nodes call before each run: a chain of LoRA nodes, merged only when it changed."""
+    d, files, _ = lora_dir
+    a = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    a.load_lora(files["native_dm"], 0.7)
+    a.load_lora(files["lycoris_lokr"], -0.5)
+    want = a.generate("chain", **KW).latents
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    plain = z.generate("chain", **KW).latents
+    chain = [(files["native_dm"], 0.7), (files["lycoris_lokr"], -0.5)]
+    z.set_loras(chain)
+    owner = TransformerWeights.of(z.transformer)
+    version = owner.version
+    z.set_loras(chain)  # the same chain again: nothing is merged
+    assert owner.version == version
+    assert torch.equal(z.generate("chain", **KW).latents, want)
+    z.set_loras([(files["native_dm"], 0.7), (files["native_dm"], 0.7)])  # one file twice stacks twice
+    assert len(z.loras) == 2 and owner.version > version
+    z.set_loras([])
+    assert torch.equal(z.generate("chain", **KW).latents, plain)

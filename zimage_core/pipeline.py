@@ -216,15 +216,34 @@ class ZImage:
         """Merge a LoRA file (every naming ComfyUI maps, and Musubi-tuner's) into the transformer and, when it has
         such keys, the text encoder; returns the parsed ``lora.LoraFile``. Keys that match nothing are logged one
         by one with their likely cause (``LoraFile.unmatched``). Several LoRAs stack in the order loaded."""
-        from .lora import load_lora
-
-        lora = source if hasattr(source, "transformer") else load_lora(
-            source, shapes=TransformerWeights.of(self.transformer).canonical_shapes(),
-            text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()})
-        for line in lora.unmatched_lines():
-            log.warning("%s", line)
+        lora = source if hasattr(source, "transformer") else self._parse_lora(source)
         self.loras[name or lora.name] = (lora, _check_strength(strength))
         self._merge_loras()
+        return lora
+
+    def set_loras(self, loras) -> None:
+        """Make the merged LoRAs exactly ``loras``, a list of ``(file, strength)`` in the order they apply: files
+        already loaded are not read again, and nothing is merged when the list is what is merged now (the ComfyUI
+        nodes call this before every run)."""
+        wanted: dict[str, tuple] = {}
+        for source, strength in loras:
+            key = str(source)
+            while key in wanted:  # the same file twice stacks twice
+                key += "+"
+            lora = self.loras[key][0] if key in self.loras else self._parse_lora(source)
+            wanted[key] = (lora, _check_strength(strength))
+        if [(k, s) for k, (_, s) in wanted.items()] == [(k, s) for k, (_, s) in self.loras.items()]:
+            return
+        self.loras = wanted
+        self._merge_loras()
+
+    def _parse_lora(self, source):
+        from .lora import load_lora
+
+        lora = load_lora(source, shapes=TransformerWeights.of(self.transformer).canonical_shapes(),
+                         text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()})
+        for line in lora.unmatched_lines():
+            log.warning("%s", line)
         return lora
 
     def set_lora_strength(self, name: str, strength: float) -> None:
