@@ -1,8 +1,10 @@
 """The ComfyUI nodes of Z-Image Turbo: schemas here, the work in ``zimage_core``, the conversions in ``adapters``."""
 
+from .accelerate import ZTurboAccelerate
 from .api import ComfyExtension, io
 from .conditioning import ZTurboTextEncode
 from .guard import ZTurboPrecisionGuard
+from .lora import ZTurboLoRA
 from .loader import ZTurboDiffusersLoader, ZTurboFileLoader, ZTurboLoader, ZTurboLoadOptionsNode
 from .sampler import ZTurboSampler
 from .vae import ZTurboVAEDecode, ZTurboVAEDecodeTiled, ZTurboVAEEncode
@@ -17,6 +19,8 @@ NODES: list[type[io.ComfyNode]] = [
     ZTurboVAEDecodeTiled,
     ZTurboVAEEncode,
     ZTurboPrecisionGuard,
+    ZTurboLoRA,
+    ZTurboAccelerate,
     ZTurboLoader,  # deprecated (hidden from search): the 0.1 loader, for saved workflows
 ]
 

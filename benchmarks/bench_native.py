@@ -1,0 +1,272 @@
+"""Benchmark: ComfyUI's native Z-Image path with and without Z-Image Turbo Accelerate, in one process.
+
+The same random real-size weights, written once as a ComfyUI checkpoint (original layout, bf16) and loaded by
+``comfy.sd.load_diffusion_model`` (what UNETLoader calls); ModelSamplingAuraFlow(3); ComfyUI's own sampler
+(``comfy.sample.sample``: what KSampler runs) with euler, ``simple``, cfg 1, 8 steps, 1024², batch 1. Variants:
+
+- ``native``: the template as is;
+- ``native_compiled``: + ComfyUI's ``TorchCompileModel`` (inductor);
+- ``ours_eager`` / ``ours_compiled``: + our Accelerate node (compile off / on);
+- each again with a random rank-32 LoRA (``LoraLoaderModelOnly``'s ``load_lora_for_models``).
+
+First calls (compile included) are timed separately; then rounds interleave the variants (LoRA variants in their
+own group: switching LoRA on and off re-patches weights inside ComfyUI's sampler call) and the median is kept.
+Latents are compared with native's (relative L2).
+
+    python benchmarks/bench_native.py --comfy /path/to/ComfyUI --out benchmarks/results/native_h200.json
+    python benchmarks/bench_native.py --comfy /path/to/ComfyUI --smoke --out /tmp/native_smoke.json   # CPU, tiny
+
+PyAV is absent on the GPU machine: when ``import av`` fails, inert ``av`` modules are registered before ComfyUI
+is imported (only ComfyUI's video types use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def boot_comfy(comfy: Path, cpu: bool) -> None:
+    """Import ComfyUI in-process (no server), the way main.py sets it up."""
+    sys.path.insert(0, str(comfy))
+    sys.argv = ["main.py"] + (["--cpu"] if cpu else [])
+    try:
+        import av  # noqa: F401
+    except ImportError:  # no PyAV: inert modules, enough for ComfyUI's imports (its video types are never used here)
+        for name in ("av", "av.container", "av.video", "av.audio", "av.video.frame", "av.audio.frame",
+                     "av.subtitles", "av.subtitles.stream", "av.video.stream", "av.audio.stream", "av.codec"):
+            module = types.ModuleType(name)
+            module.__getattr__ = lambda attr, _n=name: type(attr, (), {})  # any name is a dummy class
+            sys.modules[name] = module
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    try:
+        import utils.install_util  # noqa: F401  (main.py imports it before nodes; 0.33 needs it)
+    except ImportError:
+        pass
+
+
+def load_pack():
+    """The node pack as ComfyUI imports it (a package), its Accelerate node module."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zturbo_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["zturbo_pack"] = pack
+    spec.loader.exec_module(pack)
+    pack._load_core()
+    return importlib.import_module("zturbo_pack.nodes.accelerate")
+
+
+def original_state(transformer) -> dict:
+    """A diffusers ZImageTransformer2DModel's weights in the original (ComfyUI checkpoint) layout."""
+    import torch
+
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+    state = transformer.state_dict()
+    out = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            base = key.replace(".attention.to_q.weight", "")
+            value = torch.cat([state[f"{base}.attention.to_{x}.weight"] for x in "qkv"], dim=0)
+            key = f"{base}.attention.qkv.weight"
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = value.detach().to("cpu").contiguous()
+    return out
+
+
+def write_checkpoint(path: Path, tiny: bool, device) -> Path:
+    """Random weights of the real shapes (tiny in smoke mode), as ``model.diffusion_model.*`` bf16 safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import configs, random_
+
+    from diffusers import ZImageTransformer2DModel
+
+    t_cfg = configs(tiny)[0]
+    with torch.device(device):
+        transformer = random_(ZImageTransformer2DModel(**t_cfg).to(torch.bfloat16), 0)
+    state = {f"model.diffusion_model.{k}": v for k, v in original_state(transformer).items()}
+    del transformer
+    save_file(state, str(path))
+    return path
+
+
+def load_model(path: Path, tiny: bool):
+    import comfy.sd
+
+    if tiny:  # ComfyUI detects Z-Image by width 3840: the tests' mapping teaches it the tiny config
+        sys.path.insert(0, str(ROOT / "tests"))
+        import torch
+        from comfy_zimage import tiny_native_model
+        from safetensors.torch import load_file
+
+        return tiny_native_model(load_file(str(path)), dtype=torch.bfloat16)
+    return comfy.sd.load_diffusion_model(str(path))
+
+
+def random_lora(patcher, rank: int, seed: int = 0) -> dict:
+    """A rank-``rank`` LoRA in ComfyUI's native names on every attention and FFN matrix of every block."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in patcher.model.diffusion_model.named_parameters():
+        if name.endswith(("attention.qkv.weight", "attention.out.weight", "feed_forward.w1.weight",
+                          "feed_forward.w2.weight", "feed_forward.w3.weight")):
+            base = "diffusion_model." + name[:-len(".weight")]
+            sd[f"{base}.lora_up.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.01
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) / p.shape[1] ** 0.5
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def node_output(out):
+    """The first output of a V1 node (a tuple) or a V3 node (NodeOutput)."""
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfy", required=True, help="a ComfyUI tree (0.3.75 or 0.33.0)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", help="reuse this ComfyUI-layout checkpoint instead of writing random weights")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script, times nothing real")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--skip-native-compile", action="store_true", help="leave out TorchCompileModel (its ~50 s)")
+    args = p.parse_args()
+    if args.smoke:
+        args.size, args.steps, args.rounds, args.tokens = 64, 2, 2, 19
+
+    boot_comfy(Path(args.comfy), cpu=args.smoke)
+    import torch
+
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import comfyui_version
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    accel_mod = load_pack()
+    device = comfy.model_management.get_torch_device()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tmp = None
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_native_")
+        start = time.perf_counter()
+        ckpt = write_checkpoint(Path(tmp.name) / "z_image_turbo_random_bf16.safetensors", args.smoke, device)
+        print(f"checkpoint written in {time.perf_counter() - start:.1f} s", flush=True)
+    base = load_model(ckpt, args.smoke)
+    base = ModelSamplingAuraFlow().patch_aura(base, 3.0)[0]
+    dm = base.model.diffusion_model
+    cap_dim = dm.cap_embedder[0].weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, args.tokens, cap_dim, generator=g), {}]]
+    negative = [[torch.zeros(1, args.tokens, cap_dim), {}]]  # ConditioningZeroOut; unused at cfg 1
+    h = w = args.size // 8
+    latent = torch.zeros(1, 16, h, w)
+
+    def sample(model):
+        noise = comfy.sample.prepare_noise(latent, 42)
+        with torch.inference_mode():
+            out = comfy.sample.sample(model, noise, args.steps, 1.0, "euler", "simple", positive, negative, latent,
+                                      denoise=1.0, disable_pbar=True, seed=42)
+        return out.float().cpu()
+
+    def timed(model):
+        comfy.model_management.soft_empty_cache()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = sample(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    def rel_l2(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    lora = comfy.sd.load_lora_for_models(base, None, random_lora(base, args.rank), 1.0, 0)[0]
+    groups = {}
+    for tag, model in (("", base), ("_lora", lora)):
+        variants = {f"native{tag}": model}
+        if not args.skip_native_compile:
+            variants[f"native_compiled{tag}"] = node_output(TorchCompileModel.execute(model, "inductor"))
+        variants[f"ours_eager{tag}"] = accel_mod.accelerate(model, compile=False)[0]
+        variants[f"ours_compiled{tag}"] = accel_mod.accelerate(model, compile=True)[0]
+        groups[tag] = variants
+
+    metrics: dict = {}
+    latents: dict = {}
+    for tag, variants in groups.items():
+        # first call of each variant: weights loaded and patched, compile included
+        for name, model in variants.items():
+            seconds, latents[name] = timed(model)
+            metrics[f"{name}_first_call_s"] = seconds
+            print(f"{name}: first call {seconds:.2f} s", flush=True)
+        times = {name: [] for name in variants}
+        for r in range(args.rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                seconds, latents[name] = timed(variants[name])
+                times[name].append(seconds)
+        for name, values in times.items():
+            metrics[f"{name}_s"] = statistics.median(values)
+            metrics[f"{name}_all_s"] = values
+            metrics[f"{name}_rel_l2_vs_native"] = rel_l2(latents[name], latents[f"native{tag}"])
+            print(f"{name}: {metrics[f'{name}_s']:.3f} s (median of {len(values)}), rel-L2 vs native "
+                  f"{metrics[f'{name}_rel_l2_vs_native']:.2e}", flush=True)
+    metrics["lora_effect_rel_l2"] = rel_l2(latents["native_lora"], latents["native"])
+    metrics["accelerate_speedup_vs_native"] = metrics["native_s"] / metrics["ours_compiled_s"]
+    metrics["accelerate_speedup_vs_native_lora"] = metrics["native_lora_s"] / metrics["ours_compiled_lora_s"]
+    metrics["accelerate_eager_speedup_vs_native"] = metrics["native_s"] / metrics["ours_eager_s"]
+    if not args.skip_native_compile:
+        metrics["accelerate_speedup_vs_native_compiled"] = metrics["native_compiled_s"] / metrics["ours_compiled_s"]
+        metrics["first_call_ratio_vs_native_compiled"] = (metrics["ours_compiled_first_call_s"]
+                                                          / metrics["native_compiled_first_call_s"])
+    if device.type == "cuda":
+        metrics["peak_gib"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
+    result = {"gpu": gpu, "comfyui": comfyui_version.__version__, "torch": torch.__version__,
+              "setting": f"{args.size}x{args.size}, batch 1, {args.steps} steps, euler/simple, cfg 1, shift 3, "
+                         f"{args.tokens} text tokens, bf16, random real-size weights as a ComfyUI checkpoint, "
+                         f"rank-{args.rank} LoRA, median of {args.rounds} interleaved rounds"
+                         + (" (SMOKE: tiny model on the CPU, not a measurement)" if args.smoke else ""),
+              "metrics": metrics}
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("_all_s")}, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

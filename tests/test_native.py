@@ -1,0 +1,346 @@
+"""Z-Image Turbo Accelerate on ComfyUI's own Z-Image model (0.3.75 and 0.33.0), against ComfyUI itself.
+
+The tiny model is written in ComfyUI's layout and loaded by ComfyUI's own loader (``comfy_zimage.tiny_native_model``:
+the test-only config mapping). In a subprocess per ComfyUI version (this file is also that subprocess's script:
+``python test_native.py COMFY_ROOT IN_DIR OUT_DIR``), ComfyUI's sampler runs with and without our node and the
+latents are compared here:
+
+- fp32 parity within 1e-5: euler and res_multistep, cfg 1 and 3 (cond and uncond batched), batch 2, denoise 0.6,
+  two sizes on one accelerated model (a change of resolution), LoRAs in every key format the version maps, two
+  LoRAs stacked, a strength changed between runs on the same accelerated model;
+- a partly loaded model (ComfyUI's low-VRAM load: LoRA applied per op) takes the native fallback and still matches;
+- fp16 with planted overflows: native is NaN (0.3.75) or clamped (0.33.0); ours with ``auto`` is finite and within
+  1e-2 of fp32, with exactly the planted blocks made sticky;
+- a non-Z-Image MODEL is refused with our error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PLANTS = {"noise_refiner.0.feed_forward.w1": 400.0, "noise_refiner.0.feed_forward.w3": 400.0,
+          "layers.1.feed_forward.w1": 400.0, "layers.1.feed_forward.w3": 400.0}
+PLANTED_BLOCKS = {"noise_refiner.0", "layers.1"}
+# (name, sampler, cfg, batch, denoise, latent height, latent width)
+CASES = [
+    ("euler", "euler", 1.0, 1, 1.0, 8, 8),
+    ("res_multistep", "res_multistep", 1.0, 1, 1.0, 8, 8),
+    ("cfg3", "euler", 3.0, 1, 1.0, 8, 8),
+    ("batch2", "res_multistep", 1.0, 2, 1.0, 8, 8),
+    ("denoise06", "res_multistep", 1.0, 1, 0.6, 8, 8),
+    ("size96x64", "euler", 1.0, 1, 1.0, 8, 12),
+    ("cfg3_batch2_size", "res_multistep", 3.0, 2, 1.0, 12, 8),
+]
+LORA_FORMATS = {"0.3.75": ["native_dm", "native_kohya", "diffusers_dm", "lycoris"],
+                "0.33.0": ["native_dm", "native_kohya", "diffusers_dm", "lycoris", "peft", "bare"]}
+STEPS = 4
+
+
+# ===================================================================================== ComfyUI side (subprocess)
+def load_pack():
+    """The pack as ComfyUI imports it (a package from custom_nodes), with its nodes module."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zturbo_pack", REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["zturbo_pack"] = pack
+    spec.loader.exec_module(pack)
+    pack._load_core()
+    return importlib.import_module("zturbo_pack.nodes.accelerate")
+
+
+def boot(root: Path) -> None:
+    """ComfyUI's core on the CPU, its V3 API importable (comfy_zimage.boot stubs PyAV, which comfy_api needs)."""
+    sys.path.insert(0, str(root))
+    sys.argv = ["main.py", "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+
+
+def comfy_side(root: Path, inp: Path, out: Path) -> None:
+    sys.path.insert(0, str(HERE))
+    from comfy_zimage import tiny_native_model
+
+    boot(root)
+    import comfy.model_management
+    import comfy.patcher_extension
+    import comfy.sample
+    import comfy.sd
+    import comfyui_version
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    accel_mod = load_pack()
+    from zimage_core import ZImageError
+
+    torch.manual_seed(0)
+    results: dict = {"comfyui_version": comfyui_version.__version__, "cases": {}, "lora": {}}
+    tensors: dict = {}
+    base_sd = load_file(str(inp / "transformer.safetensors"))
+    cap_dim = base_sd["cap_embedder.0.weight"].shape[0]
+    gen = torch.Generator().manual_seed(5)
+    positive = [[torch.randn(1, 19, cap_dim, generator=gen), {}]]
+    negative = [[torch.randn(1, 19, cap_dim, generator=gen), {}]]
+
+    def sample(model, sampler="euler", cfg=1.0, batch=1, denoise=1.0, h=8, w=8, seed=3):
+        gen = torch.Generator().manual_seed(11)
+        latent = torch.randn(batch, 16, h, w, generator=gen) if denoise < 1 else torch.zeros(batch, 16, h, w)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple", positive, negative, latent,
+                                   denoise=denoise, disable_pbar=True, seed=seed).float()
+
+    def report(accel):
+        r = accel.report()
+        accel.fast_runs = accel.native_runs = 0
+        accel.fallbacks.clear()
+        return r
+
+    # ------------------------------------------------------------ fp32 parity, one accelerated model for all cases
+    base = tiny_native_model(base_sd)
+    fast, accel = accel_mod.accelerate(base, compile=False, attention="auto", precision_guard="off")
+    for name, sampler, cfg, batch, denoise, h, w in CASES:
+        tensors[f"{name}_native"] = sample(base, sampler, cfg, batch, denoise, h, w)
+        tensors[f"{name}_ours"] = sample(fast, sampler, cfg, batch, denoise, h, w)
+        results["cases"][name] = report(accel)
+    results["input_untouched"] = "forward" not in base.model.diffusion_model.layers[0].__dict__
+    results["wrapper_on_input"] = accel_mod.WRAPPER_KEY in json.dumps(base.wrappers, default=str)
+    results["wrapper_on_clone"] = accel_mod.WRAPPER_KEY in json.dumps(fast.wrappers, default=str)
+
+    # ------------------------------------------------------------ LoRA: every accepted key format, on LoRA -> Accelerate
+    for fmt in LORA_FORMATS[results["comfyui_version"]]:
+        lora = load_file(str(inp / f"lora_{fmt}.safetensors"))
+        patched = comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0)[0]
+        tensors[f"lora_{fmt}_native"] = sample(patched, "res_multistep")
+        tensors[f"lora_{fmt}_ours"] = sample(accel_mod.accelerate(patched, compile=False)[0], "res_multistep")
+        tensors[f"lora_{fmt}_base"] = tensors["res_multistep_native"]
+    # two stacked, and Accelerate -> LoRA with the strength changed between runs on the same accelerated model
+    a = load_file(str(inp / "lora_native_dm.safetensors"))
+    b = load_file(str(inp / "lora_lycoris.safetensors"))
+    two = comfy.sd.load_lora_for_models(comfy.sd.load_lora_for_models(base, None, a, 0.7, 0)[0], None, b, -0.5, 0)[0]
+    tensors["lora_stack_native"] = sample(two)
+    tensors["lora_stack_ours"] = sample(accel_mod.accelerate(two, compile=False)[0])
+    for strength in (1.0, 0.3):
+        tensors[f"lora_strength{strength}_native"] = sample(comfy.sd.load_lora_for_models(base, None, a, strength, 0)[0])
+        tensors[f"lora_strength{strength}_ours"] = sample(comfy.sd.load_lora_for_models(fast, None, a, strength, 0)[0])
+    results["lora"]["after_accelerate"] = report(accel)
+
+    # ------------------------------------------------------------ partly loaded (low VRAM: LoRA per op): fallback
+    # a LoRA on layers.0 only: that block is patched per op once partly loaded, the others stay plain
+    a_one = {k: v for k, v in a.items() if k.startswith("diffusion_model.layers.0.")}
+    patched = comfy.sd.load_lora_for_models(base, None, a_one, 0.8, 0)[0]
+    fast_patched, accel_p = accel_mod.accelerate(patched, compile=False)
+    x = torch.randn(1, 16, 8, 8, generator=gen)
+    sigma = torch.tensor([0.7])
+    cond = positive[0][0]
+
+    def call(patcher):  # one model call as ComfyUI's sampler makes it (its wrappers put in transformer_options)
+        opts = comfy.patcher_extension.copy_nested_dicts(patcher.model_options["transformer_options"])
+        comfy.patcher_extension.merge_nested_dicts(opts.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+        return patcher.model.apply_model(x, sigma, c_crossattn=cond, transformer_options=opts,
+                                         num_tokens=cond.shape[1]).float()
+
+    comfy.model_management.unload_all_models()  # the sampler's loads above left another clone's LoRA patched in
+    patched.patch_model(device_to=torch.device("cpu"))
+    tensors["full_native"] = call(patched)
+    tensors["full_ours"] = call(fast_patched)
+    results["full_load"] = report(accel_p)
+    patched.unpatch_model(device_to=torch.device("cpu"))
+    patched.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)  # every module low VRAM
+    results["lowvram_modules"] = sum(1 for m in patched.model.diffusion_model.modules()
+                                     if getattr(m, "weight_function", None))
+    tensors["lowvram_native"] = call(patched)
+    tensors["lowvram_ours"] = call(fast_patched)
+    results["lowvram"] = report(accel_p)
+    patched.unpatch_model(device_to=torch.device("cpu"))
+
+    # ------------------------------------------------------------ fp16 with planted overflows
+    planted = dict(base_sd)
+    for key, scale in PLANTS.items():
+        planted[f"{key}.weight"] = planted[f"{key}.weight"] * scale
+    ref = tiny_native_model(planted)
+    tensors["planted_fp32"] = sample(ref, "res_multistep")
+    half = tiny_native_model(planted, dtype=torch.float16)
+    half.model.manual_cast_dtype = torch.float16  # ComfyUI computes fp16 only on GPUs; the CPU test forces it
+    tensors["planted_fp16_native"] = sample(half, "res_multistep")
+    guarded, accel_g = accel_mod.accelerate(half, compile=False, precision_guard="auto")
+    tensors["planted_fp16_auto"] = sample(guarded, "res_multistep")
+    results["planted_auto"] = accel_g.report()
+    tensors["planted_fp16_auto_again"] = sample(guarded, "res_multistep")  # sticky: no probe this time
+    results["planted_auto_again"] = accel_g.report()
+    # fresh models: the sticky blocks found above stay with that model's weight owner (as our pipeline's do)
+    half = tiny_native_model(planted, dtype=torch.float16)
+    half.model.manual_cast_dtype = torch.float16
+    detect = accel_mod.accelerate(half, compile=False, precision_guard="detect")[0]
+    results["planted_detect"] = _error_of(lambda: sample(detect, "res_multistep"))
+    half = tiny_native_model(planted, dtype=torch.float16)
+    half.model.manual_cast_dtype = torch.float16
+    clamp = accel_mod.accelerate(half, compile=False, precision_guard="clamp")[0]
+    tensors["planted_fp16_clamp"] = sample(clamp, "res_multistep")
+
+    # ------------------------------------------------------------ a model that is not Z-Image is refused
+    lumina = _lumina2_patcher(base_sd)
+    results["refused"] = _error_of(lambda: accel_mod.ZTurboAccelerate.execute(lumina))
+    results["zimage_error"] = ZImageError.__module__ + "." + ZImageError.__qualname__
+
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(out / "tensors.safetensors"))
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _lumina2_patcher(sd):
+    """A ModelPatcher whose diffusion model is a Lumina 2 NextDiT (SiLU modulation, no pad tokens)."""
+    import comfy.ldm.lumina.model as lumina
+    import comfy.model_patcher
+    import comfy.ops
+    import torch
+    from types import SimpleNamespace
+
+    dm = lumina.NextDiT(patch_size=2, in_channels=16, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
+                        n_kv_heads=2, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                        operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    model = torch.nn.Module()
+    model.diffusion_model = dm
+    model.model_sampling = SimpleNamespace()
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def _error_of(fn) -> dict:
+    try:
+        fn()
+    except Exception as err:  # noqa: BLE001 - recorded for the test to judge
+        return {"type": f"{type(err).__module__}.{type(err).__qualname__}", "message": str(err)}
+    return {"type": None, "message": None}
+
+
+# ===================================================================================== pytest side
+if __name__ != "__main__":
+    import pytest
+    import torch
+
+    from comfy_zimage import comfy_root, python_for
+
+    VERSIONS = ("0.3.75", "0.33.0")
+
+    @pytest.fixture(scope="module")
+    def native_inputs(tmp_path_factory, tiny_models):
+        from safetensors.torch import save_file
+
+        from helpers import transformer_to_original
+        from test_lora import write_lora
+
+        d = tmp_path_factory.mktemp("native-in")
+        state = transformer_to_original(tiny_models[0].state_dict(), prefix="")
+        save_file(state, str(d / "transformer.safetensors"))
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        for fmt in ("native_dm", "native_kohya", "diffusers_dm", "lycoris", "peft", "bare"):
+            write_lora(d / f"lora_{fmt}.safetensors", shapes, fmt, alpha=fmt not in ("peft", "bare", "native_kohya"))
+        return d
+
+    @pytest.fixture(scope="module", params=VERSIONS)
+    def native_run(request, native_inputs, tmp_path_factory):
+        import os
+        import subprocess
+
+        from safetensors.torch import load_file
+
+        version = request.param
+        if python_for(version) is None:
+            pytest.skip(f"the ComfyUI {version} test venv is not installed (scripts/dev-install.sh makes it)")
+        root = comfy_root(version, tmp_path_factory.getbasetemp())
+        out = tmp_path_factory.mktemp(f"native-{version}")
+        env = dict(os.environ, PYTHONPATH="", CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run([str(python_for(version)), __file__, str(root), str(native_inputs), str(out)],
+                              capture_output=True, text=True, timeout=900, env=env, cwd=str(root))
+        assert proc.returncode == 0, f"ComfyUI {version} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        results = json.loads((out / "results.json").read_text())
+        assert results["comfyui_version"] == version
+        return version, results, load_file(str(out / "tensors.safetensors")), proc.stderr
+
+    def max_diff(a, b):
+        """Largest difference, relative to the latents' range where it passes 1 (cfg 3 latents reach ~8: fp32
+        rounding of the same sums in another order is ~1e-6 of that)."""
+        return (a - b).abs().max().item() / max(1.0, b.abs().max().item())
+
+    def rel_l2(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    @pytest.mark.parametrize("case", [c[0] for c in CASES])
+    def test_fp32_parity_with_native_ksampler(native_run, case):
+        _, results, t, _ = native_run
+        native, ours = t[f"{case}_native"], t[f"{case}_ours"]
+        assert torch.isfinite(native).all() and native.abs().max() > 0.1
+        assert max_diff(ours, native) < 1e-5, case
+        r = results["cases"][case]
+        assert r["fast_blocks"] > 0 and r["native_blocks"] == 0, r  # our maths ran, every block of every call
+
+    def test_the_input_model_is_left_alone(native_run):
+        _, results, _, _ = native_run
+        assert results["input_untouched"] and not results["wrapper_on_input"] and results["wrapper_on_clone"]
+
+    def test_lora_every_key_format(native_run):
+        version, _, t, _ = native_run
+        for fmt in LORA_FORMATS[version]:
+            native, ours, base = t[f"lora_{fmt}_native"], t[f"lora_{fmt}_ours"], t[f"lora_{fmt}_base"]
+            assert rel_l2(native, base) > 1e-3, f"{fmt}: ComfyUI did not apply the LoRA, the test proves nothing"
+            assert max_diff(ours, native) < 1e-5, fmt
+
+    def test_lora_stacked_and_strength_changed_between_runs(native_run):
+        _, results, t, _ = native_run
+        assert max_diff(t["lora_stack_ours"], t["lora_stack_native"]) < 1e-5
+        assert rel_l2(t["lora_strength1.0_native"], t["lora_strength0.3_native"]) > 1e-3
+        for s in ("1.0", "0.3"):
+            assert max_diff(t[f"lora_strength{s}_ours"], t[f"lora_strength{s}_native"]) < 1e-5, s
+        assert results["lora"]["after_accelerate"]["native_blocks"] == 0
+
+    def test_partly_loaded_model_falls_back_and_matches(native_run):
+        _, results, t, _ = native_run
+        assert max_diff(t["full_ours"], t["full_native"]) < 1e-5
+        assert results["full_load"]["native_blocks"] == 0
+        assert results["lowvram_modules"] > 0, "ComfyUI did not load the model partly: the test proves nothing"
+        low = results["lowvram"]
+        assert low["native_blocks"] > 0 and low["fast_blocks"] > 0, low  # both paths ran in one call
+        assert set(low["fallbacks"]) == {"layers.0"} and "low-VRAM" in low["fallbacks"]["layers.0"], low
+        assert max_diff(t["lowvram_ours"], t["lowvram_native"]) < 1e-5
+        assert max_diff(t["lowvram_native"], t["full_native"]) < 1e-5  # the partial load is the same model
+
+    def test_fp16_planted_overflow_native_breaks_guard_repairs(native_run):
+        version, results, t, _ = native_run
+        fp32, native, ours = t["planted_fp32"], t["planted_fp16_native"], t["planted_fp16_auto"]
+        assert torch.isfinite(fp32).all()
+        if version == "0.3.75":
+            assert not torch.isfinite(native).all()  # no clamp in 0.3.75: NaN latents, a black image
+        else:
+            assert not torch.isfinite(native).all() or rel_l2(native, fp32) > 1e-2  # 0.33 clamps: lossy
+        assert torch.isfinite(ours).all()
+        assert rel_l2(ours, fp32) < 1e-2, rel_l2(ours, fp32)
+        first = results["planted_auto"]
+        assert set(first["sticky"]) == PLANTED_BLOCKS, first
+        assert first["probe_runs"] == 1 and first["checks"] >= STEPS
+        again = results["planted_auto_again"]
+        assert again["probe_runs"] == 1  # sticky blocks ran in bf16 at once: no second probe
+        # the second run: the sticky blocks in bf16 from the start, as accurate as the first
+        assert rel_l2(t["planted_fp16_auto_again"], fp32) < 1e-2
+
+    def test_fp16_detect_names_the_block_and_clamp_is_finite(native_run):
+        _, results, t, _ = native_run
+        err = results["planted_detect"]
+        assert err["type"] and err["type"].endswith("PrecisionOverflow"), err
+        assert "noise_refiner.0" in err["message"] and "'auto'" in err["message"]
+        clamp = t["planted_fp16_clamp"]
+        assert torch.isfinite(clamp).all() and rel_l2(clamp, t["planted_fp32"]) > 1e-2  # finite, lossy
+
+    def test_non_zimage_model_is_refused(native_run):
+        _, results, _, _ = native_run
+        err = results["refused"]
+        assert err["type"] == results["zimage_error"], err
+        assert "Z-Image" in err["message"] and "UNETLoader" in err["message"]
+
+
+if __name__ == "__main__":
+    comfy_side(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
