@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from test_lora import base_state, lora_dir, te_state  # noqa: F401  (fixtures)
+
 
 
 def run_cli(*args, env=None, timeout=300):
@@ -92,3 +94,22 @@ def test_init_image_png_round_trip_and_batch_names(tmp_path, tiny_dir):
             "--steps", "2", "--width", "64", "--height", "64", "--batch-size", "2", "--device", "cpu",
             "--out", tmp_path / "out.png")
     assert (tmp_path / "out_1.png").is_file() and (tmp_path / "out_2.png").is_file()
+
+
+def test_lora_and_sampler_options_equal_the_api(tmp_path, tiny_dir, lora_dir):
+    """--lora FILE[:STRENGTH] (repeatable) and --sampler give what ZImage.set_loras and generate(sampler=) give."""
+    from zimage_core import ZImage
+
+    _, files, _ = lora_dir
+    lat = tmp_path / "lat.safetensors"
+    run_cli("generate", "--model", tiny_dir, "--prompt", "a lighthouse", "--seed", "5", "--steps", "4",
+            "--width", "64", "--height", "64", "--device", "cpu", "--out", tmp_path / "img.png", "--latents-out", lat,
+            "--lora", f"{files['native_dm']}:0.6", "--lora", files["lycoris_loha"], "--sampler", "res_multistep")
+    z = ZImage.load(tiny_dir, device="cpu")
+    z.set_loras([(files["native_dm"], 0.6), (files["lycoris_loha"], 1.0)])
+    expected = z.generate("a lighthouse", seed=5, steps=4, width=64, height=64, sampler="res_multistep")
+    assert torch.equal(load_file(str(lat))["latents"], expected.latents)
+    bad = subprocess.run([sys.executable, "-m", "zimage_core", "generate", "--model", str(tiny_dir), "--lora",
+                          f"{files['native_dm']}:strong"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "strength after ':' must be a number" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from .inputs import (check_batch_size, check_denoise, check_device, check_guidan
                      check_output_paths, check_prompts, check_seed, check_size, check_steps, check_tile_args,
                      image_paths)
 from .options import GUARD_POLICIES, MAX_BATCH, MAX_TILE_SIZE, MIN_TILE_SIZE
+from .samplers import SAMPLERS
 
 log = logging.getLogger("zimage_core")
 
@@ -38,6 +40,10 @@ def _common(p: argparse.ArgumentParser, *, width: int, height: int) -> None:
     p.add_argument("--tile-overlap", type=int, default=64, help="tile overlap in pixels")
     p.add_argument("--out", type=Path, default=Path("zimage.png"), help="image to write, .png/.jpg/.webp (batch: name_1.png, ...)")
     p.add_argument("--latents-out", type=Path, help="write final model-space latents (key 'latents', float32)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="merge a LoRA (repeat to stack; strength 1 by default, e.g. style.safetensors:0.8)")
+    p.add_argument("--sampler", default="euler", choices=list(SAMPLERS),
+                   help="euler (the diffusers reference) or res_multistep (ComfyUI's Z-Image template)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -95,6 +101,26 @@ def save_png(images, out: Path) -> list[Path]:
     return paths
 
 
+def parse_loras(values: list[str]) -> list[tuple[Path, float]]:
+    """``--lora FILE[:STRENGTH]`` values as (file, strength); the file must exist, the strength be a number."""
+    out = []
+    for value in values:
+        path, strength = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep and head and not Path(value).exists():
+            try:
+                path, strength = head, float(tail)
+            except ValueError:
+                raise ZImageError(f"--lora {value!r}: the strength after ':' must be a number (e.g. "
+                                  f"{head}:0.8).") from None
+        if not Path(path).is_file():
+            raise ZImageError(f"--lora {path} not found: give a LoRA .safetensors file, optionally with :STRENGTH.")
+        if not math.isfinite(strength) or abs(strength) > 100:
+            raise ZImageError(f"--lora {value!r}: strength {strength!r} is out of range: use -100..100 (1 = as trained).")
+        out.append((Path(path), strength))
+    return out
+
+
 def check_args(args: argparse.Namespace):
     """Everything that can be checked without a model, before any model loads: returns the init image."""
     check_prompts(args.prompt, "--prompt")
@@ -108,6 +134,7 @@ def check_args(args: argparse.Namespace):
     check_tile_args(args.tile_size, args.tile_overlap)
     check_output_paths(args.out, args.latents_out, args.batch_size)
     check_device(args.device)
+    args.loras = parse_loras(args.lora)
     init_image = _load_image(args.init_image) if args.init_image else None
     if init_image is not None:
         check_init_image(init_image, batch=args.batch_size, width=args.width, height=args.height)
@@ -129,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         zimage = ZImage.load(args.model, transformer=args.transformer, text_encoder=args.text_encoder, vae=args.vae,
                              tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, storage=args.storage)
     log.info("dtypes: %s on %s", zimage.policy.describe(), zimage.device)
+    zimage.set_loras(args.loras)
     zimage.set_precision_guard(args.precision_guard)  # None: auto with fp16 compute, off otherwise
     bar = tqdm(total=args.steps, desc="sampling", unit="step", file=sys.stderr, disable=None)
     start = time.perf_counter()
@@ -138,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, guidance=args.guidance, negative_prompt=args.negative_prompt,
             denoise=args.denoise, init_image=init_image, callback=lambda info: bar.update(1),
             tiled_decode=True if args.tiled_decode else "auto", tile_size=args.tile_size,
-            tile_overlap=args.tile_overlap,
+            tile_overlap=args.tile_overlap, sampler=args.sampler,
         )
     finally:
         bar.close()
