@@ -9,7 +9,8 @@ extension, ``web/zturbo.js``, hides those three while a latent is connected).
 
 from __future__ import annotations
 
-from zimage_core import GUARD_POLICIES, MAX_BATCH, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE, ZImageError, check_size
+from zimage_core import (GUARD_POLICIES, MAX_BATCH, MAX_SIZE, MAX_STEPS, MIN_SIZE, SAMPLERS, SIZE_MULTIPLE, ZImageError,
+                         check_size)
 
 from .adapters import (CATEGORY, GUARD_FROM_MODEL, LEGACY_GUARD_FROM_MODEL, MODEL_TOOLTIP, ZTurboModel,
                        activation_bytes, caption_features, check_finite, guard_report, init_latent, latent_out,
@@ -62,6 +63,10 @@ class ZTurboSampler(io.ComfyNode):
                                tooltip=f"fp16 overflow policy for this sampler. '{GUARD_FROM_MODEL}': the policy the "
                                        "model input carries (set by a Precision Guard node; without one: auto with "
                                        "fp16 compute, off otherwise). The others override it for this sampler."),
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="euler", optional=True,
+                               tooltip="euler: flow-matching Euler, the diffusers reference. res_multistep: the "
+                                       "second-order method ComfyUI's Z-Image template uses (same sigmas; equal to "
+                                       "KSampler's res_multistep). Both cost one transformer call per step."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="Flux-VAE latent in raw VAE space, for any VAE decode."),
@@ -77,7 +82,7 @@ class ZTurboSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, seed, steps, guidance, denoise, width, height, batch_size, negative=None,
-                latent_image=None, precision_guard=GUARD_FROM_MODEL) -> io.NodeOutput:
+                latent_image=None, precision_guard=GUARD_FROM_MODEL, sampler="euler") -> io.NodeOutput:
         zimage = model.ready(precision_guard)
         init = None
         if latent_image is not None:
@@ -97,7 +102,7 @@ class ZTurboSampler(io.ComfyNode):
             zimage.guard.begin_run()
         latents = zimage.sample(cap_feats, seed=seed, width=width, height=height, steps=steps, guidance=guidance,
                                 negative_feats=negative_feats, denoise=denoise, init_latents=init,
-                                callback=step_callback(steps, zimage.device))
+                                callback=step_callback(steps, zimage.device), sampler=sampler)
         check_finite(latents, "sampling produced NaN/inf latents (the fp16 overflow of Z-Image): add a Z-Image Turbo "
                               "Precision Guard (auto) after the loader, set precision_guard to auto, or load with "
                               "dtype bf16/fp32.")
