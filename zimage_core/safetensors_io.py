@@ -286,8 +286,9 @@ def check_loaded_tensor(name: str, tensor: torch.Tensor, expected: torch.Tensor,
     if not tensor.is_floating_point():
         raise ZImageError(
             f"{source}: tensor {name!r} is stored as {str(tensor.dtype).replace('torch.', '')}, but the model needs "
-            "floating-point weights (bf16, fp16, fp32 or fp8). Integer-quantized files (GGUF/bitsandbytes/int8 "
-            "exports) are not loaded; use the bf16, fp16 or fp8 release."
+            "floating-point weights (bf16, fp16, fp32 or fp8). An integer tensor without the scales of a known "
+            "quantized layout (ComfyUI's fp8/nvfp4/mxfp8/int8 files carry them) cannot be used; use the bf16, fp16 "
+            "or fp8 release."
         )
     if tuple(tensor.shape) != tuple(expected.shape):
         raise ZImageError(
