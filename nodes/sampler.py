@@ -10,7 +10,7 @@ extension, ``web/zturbo.js``, hides those three while a latent is connected).
 from __future__ import annotations
 
 from zimage_core import (GUARD_POLICIES, MAX_BATCH, MAX_SIZE, MAX_STEPS, MIN_SIZE, SAMPLERS, SIZE_MULTIPLE, ZImageError,
-                         check_size)
+                         check_guidance, check_seed, check_size)
 
 from .adapters import (CATEGORY, GUARD_FROM_MODEL, LEGACY_GUARD_FROM_MODEL, MODEL_TOOLTIP, ZTurboModel,
                        activation_bytes, caption_features, check_finite, guard_report, init_latent, latent_out,
@@ -83,6 +83,8 @@ class ZTurboSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, seed, steps, guidance, denoise, width, height, batch_size, negative=None,
                 latent_image=None, precision_guard=GUARD_FROM_MODEL, sampler="euler") -> io.NodeOutput:
+        check_guidance(guidance)  # NaN passes ComfyUI's min/max check and would be taken as "off"
+        check_seed(seed)
         zimage = model.ready(precision_guard)
         init = None
         if latent_image is not None:
