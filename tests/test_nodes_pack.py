@@ -101,6 +101,29 @@ def test_loaders_carry_model_download_info(path):
         assert {v for v in node["widgets_values"] if str(v).endswith(".safetensors")} <= names
 
 
+def test_node_files_follow_the_structure_rules():
+    """nodes/: only names that zimage_core/__init__.py exports; node files reach ComfyUI's types through the one
+    adapters module (and the API module), never through each other's helpers."""
+    import ast
+
+    import zimage_core
+
+    shared = {"api", "adapters", "preview"}  # the API, the one adapters module, its preview callback
+    for path in sorted((REPO / "nodes").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("zimage_core.") for a in node.names), (path.name, ast.dump(node))
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.module and node.module.split(".")[0] == "zimage_core":
+                assert node.module == "zimage_core", f"{path.name} imports {node.module} (private)"
+                private = [a.name for a in node.names if a.name not in zimage_core.__all__]
+                assert not private, f"{path.name} imports {private}, not exported by zimage_core"
+            if node.level == 1 and path.name != "__init__.py":
+                assert node.module in shared, f"{path.name} imports from .{node.module}"
+
+
 # ---------------------------------------------------------------------------------------- converter
 TYPES = {
     "Sampler": {"required": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}],

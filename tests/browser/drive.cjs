@@ -8,7 +8,7 @@ const path = require("path");
 const { chromium } = require("playwright-core");
 
 const plan = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
-const results = { workflows: {}, console_errors: [], failed_requests: [], frontend_version: null };
+const results = { workflows: {}, console_errors: [], failed_requests: [], thumbnails_served: [], frontend_version: null };
 const QUIET_MS = Number(plan.quiet_ms || 180000); // a run fails after this long WITHOUT any progress event
 
 function shot(page, name) {
@@ -20,7 +20,8 @@ async function dialogs(page) {
     // PrimeVue dialogs (missing nodes, missing models, errors) and error toasts that are on screen
     return page.evaluate(() => {
         const seen = [];
-        for (const el of document.querySelectorAll(".p-dialog, .p-toast-message-error")) {
+        // PrimeVue dialogs (frontend 1.32) and role=dialog ones (1.49's newer dialogs), error toasts
+        for (const el of document.querySelectorAll('.p-dialog, [role="dialog"], [role="alertdialog"], .p-toast-message-error')) {
             const box = el.getBoundingClientRect();
             if (box.width > 0 && box.height > 0) seen.push(el.innerText.slice(0, 600));
         }
@@ -162,14 +163,24 @@ async function templateBrowser(page) {
     // the template browser as a user sees it: our pack's cards, their titles, thumbnails and the search
     const out = {};
     await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
-    await page.waitForSelector(".p-dialog", { timeout: 30000 });
+    const DIALOG = '.p-dialog, [role="dialog"]';
+    await page.waitForSelector(DIALOG, { timeout: 30000 });
     await settle(page);
-    const search = page.locator('.p-dialog input[type="text"], .p-dialog input[placeholder]').first();
+    const search = page.locator(`:is(${DIALOG}) input[type="text"], :is(${DIALOG}) input[placeholder]`).first();
     await search.fill("Z-Image Turbo");
     await page.waitForTimeout(600); // the search box debounces its input (50-300 ms)
     await settle(page);
-    out.cards = await page.evaluate(() => {
-        const dialog = document.querySelector(".p-dialog");
+    // 1.49 loads card images lazily (when scrolled into view): scroll the card grid to its end, then wait
+    // (bounded) for the pack's thumbnails to arrive
+    await page.evaluate((DIALOG) => {
+        for (const el of document.querySelector(DIALOG).querySelectorAll("*"))
+            if (el.scrollHeight > el.clientHeight + 8) el.scrollTop = el.scrollHeight;
+    }, DIALOG);
+    for (let i = 0; i < 40 && new Set(results.thumbnails_served).size < (plan.workflows.length); i++)
+        await page.waitForTimeout(250);
+    await settle(page);
+    out.cards = await page.evaluate((DIALOG) => {
+        const dialog = document.querySelector(DIALOG);
         // the cards' images (the dialog's content may be rendered outside .p-dialog): every <img> on the page
         const imgs = [...document.querySelectorAll("img")].filter((i) => decodeURIComponent(i.currentSrc || i.src).includes("workflow_templates"));
         return {
@@ -177,7 +188,7 @@ async function templateBrowser(page) {
             thumbnails: imgs.map((i) => ({ src: decodeURIComponent(i.currentSrc || i.src), complete: i.complete, width: i.naturalWidth })),
             all_images: [...document.querySelectorAll("img")].map((i) => (i.currentSrc || i.src).slice(0, 200)),
         };
-    });
+    }, DIALOG);
     out.screenshot = await shot(page, "template browser - search Z-Image Turbo");
     await closeDialogs(page);
     return out;
@@ -194,7 +205,12 @@ async function templateBrowser(page) {
         const page = await context.newPage();
         page.on("console", (m) => { if (m.type() === "error") results.console_errors.push(m.text().slice(0, 500)); });
         page.on("pageerror", (e) => results.console_errors.push(`pageerror: ${String(e).slice(0, 500)}`));
-        page.on("response", (r) => { if (r.status() >= 400) results.failed_requests.push(`${r.status()} ${decodeURIComponent(r.url())}`); });
+        page.on("response", (r) => {
+            const url = decodeURIComponent(r.url());
+            if (r.status() >= 400) results.failed_requests.push(`${r.status()} ${url}`);
+            // card thumbnails: 1.32 shows them as <img src>, 1.49 fetches them and shows a blob: URL
+            else if (url.includes("/workflow_templates/") && url.endsWith(".jpg")) results.thumbnails_served.push(url);
+        });
         // A first start opens the template browser by itself (Comfy.TutorialCompleted): mark it seen, so that each
         // workflow is loaded into a clear canvas; the template browser is checked on its own below.
         const set = await fetch(`${plan.url}/api/settings/Comfy.TutorialCompleted`,
@@ -225,7 +241,13 @@ async function templateBrowser(page) {
             }
             results.workflows[wf.name] = r;
         }
-        if (plan.templates) results.templates = await templateBrowser(page);
+        if (plan.templates) {
+            try {
+                results.templates = await templateBrowser(page);
+            } catch (err) {  // the workflow results above still count; the template test reports this
+                results.templates = { error: String(err.stack || err), screenshot: await shot(page, "template browser - error") };
+            }
+        }
     } catch (err) {
         results.fatal = String(err.stack || err);
     } finally {

@@ -16,7 +16,6 @@ from PIL import Image, ImageDraw, ImageFont
 REPO = Path(__file__).resolve().parents[2]
 SIDE = 512
 BACKGROUND = (32, 32, 36)
-ACCENT = (120, 200, 255)
 FONTS = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core (scripts/browser-install.sh)
 
 
@@ -39,9 +38,8 @@ def wrap(draw, text: str, face, width: int) -> list[str]:
 def thumbnail(name: str, shot: Path, box) -> Image.Image:
     card = Image.new("RGB", (SIDE, SIDE), BACKGROUND)
     draw = ImageDraw.Draw(card)
-    prefix, _, subtitle = name.partition(" - ")
-    draw.text((28, 26), prefix, font=font(False, 30), fill=ACCENT)
-    y = 70
+    _, _, subtitle = name.partition(" - ")  # the card's title says "Z-Image Turbo - ..." already
+    y = 78  # below the badge that frontend 1.49 puts over a card's top left corner
     face = font(True, 50)
     for line in wrap(draw, subtitle, face, SIDE - 56):
         draw.text((28, y), line, font=face, fill=(240, 240, 240))
