@@ -5,6 +5,7 @@ from .api import ComfyExtension, io
 from .conditioning import ZTurboTextEncode
 from .guard import ZTurboPrecisionGuard
 from .lora import ZTurboLoRA
+from .native_vae import ZTurboNativeVAEDecodeTiled
 from .loader import ZTurboDiffusersLoader, ZTurboFileLoader, ZTurboLoader, ZTurboLoadOptionsNode
 from .sampler import ZTurboSampler
 from .vae import ZTurboVAEDecode, ZTurboVAEDecodeTiled, ZTurboVAEEncode
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     ZTurboPrecisionGuard,
     ZTurboLoRA,
     ZTurboAccelerate,
+    ZTurboNativeVAEDecodeTiled,
     ZTurboLoader,  # deprecated (hidden from search): the 0.1 loader, for saved workflows
 ]
 

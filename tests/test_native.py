@@ -184,6 +184,20 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
     clamp = accel_mod.accelerate(half, compile=False, precision_guard="clamp")[0]
     tensors["planted_fp16_clamp"] = sample(clamp, "res_multistep")
 
+    # ------------------------------------------------------------ exact tiled decode on ComfyUI's own VAE
+    import comfy.utils
+
+    from zturbo_pack.nodes.native_vae import ZTurboNativeVAEDecodeTiled
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(inp / "ae.safetensors")))
+    z = torch.randn(1, 16, 16, 20, generator=gen)  # 128x160 pixels: several 64-pixel tiles
+    tensors["vae_native"] = vae.decode(z).float()
+    for overlap in (0, 32):
+        decoded = ZTurboNativeVAEDecodeTiled.execute({"samples": z}, vae, tile_size=64, overlap=overlap)
+        tensors[f"vae_tiled_{overlap}"] = (decoded.result[0] if hasattr(decoded, "result") else decoded[0]).float()
+    results["vae_bad_latent"] = _error_of(
+        lambda: ZTurboNativeVAEDecodeTiled.execute({"samples": torch.zeros(1, 4, 8, 8)}, vae))
+
     # ------------------------------------------------------------ a model that is not Z-Image is refused
     lumina = _lumina2_patcher(base_sd)
     results["refused"] = _error_of(lambda: accel_mod.ZTurboAccelerate.execute(lumina))
@@ -231,6 +245,7 @@ if __name__ != "__main__":
     def native_inputs(tmp_path_factory, tiny_models):
         from safetensors.torch import save_file
 
+        from comfy_harness import write_full_size_vae
         from helpers import transformer_to_original
         from test_lora import write_lora
 
@@ -240,6 +255,7 @@ if __name__ != "__main__":
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         for fmt in ("native_dm", "native_kohya", "diffusers_dm", "lycoris", "peft", "bare"):
             write_lora(d / f"lora_{fmt}.safetensors", shapes, fmt, alpha=fmt not in ("peft", "bare", "native_kohya"))
+        write_full_size_vae(d / "ae.safetensors")
         return d
 
     @pytest.fixture(scope="module", params=VERSIONS)
@@ -334,6 +350,17 @@ if __name__ != "__main__":
         assert "noise_refiner.0" in err["message"] and "'auto'" in err["message"]
         clamp = t["planted_fp16_clamp"]
         assert torch.isfinite(clamp).all() and rel_l2(clamp, t["planted_fp32"]) > 1e-2  # finite, lossy
+
+    def test_native_vae_exact_tiled_decode(native_run):
+        _, results, t, _ = native_run
+        native = t["vae_native"]
+        assert native.shape == (1, 128, 160, 3) and native.std() > 0.01
+        for overlap in (0, 32):
+            tiled = t[f"vae_tiled_{overlap}"]
+            assert tiled.shape == native.shape
+            assert (tiled - native).abs().max().item() <= 2 / 255, overlap
+        err = results["vae_bad_latent"]
+        assert err["type"] == results["zimage_error"] and "16-channel" in err["message"], err
 
     def test_non_zimage_model_is_refused(native_run):
         _, results, _, _ = native_run
