@@ -270,8 +270,14 @@ def test_load_options_node_reaches_the_loader(server, object_info):
                      "inputs": {"transformer_storage": "auto", "text_encoder_storage": "auto", "vae_dtype": "fp64",
                                 "attention": "math", "compile": False, "offload": "none"}}
     loader["inputs"]["options"] = ["900", 0]
-    error = execution_error(server.run(prompt))  # the options reach the core, which names the bad one
-    assert error["node_type"] == "ZTurboFileLoader" and "'fp64'" in error["exception_message"]
+    status, body = server.queue(prompt)
+    if status == 400:  # ComfyUI 0.33 checks V3 combo values when queueing (0.3.75 checks only list-style combos)
+        errors = json.dumps(body["node_errors"])
+        assert '"900"' in errors and "value_not_in_list" in errors and "vae_dtype: 'fp64'" in errors
+    else:  # the options reach the core, which names the bad one
+        assert status == 200, body
+        error = execution_error(server.wait(body["prompt_id"]))
+        assert error["node_type"] == "ZTurboFileLoader" and "'fp64'" in error["exception_message"]
 
 
 def test_latent_of_wrong_size_is_refused(server, object_info):
