@@ -174,7 +174,7 @@ def main(root: Path, out: Path) -> None:
 
     # ---------------------------------------------------------------- sigmas: ours vs ComfyUI's KSampler rule
     results["sigmas"] = []
-    for steps, denoise in ((8, 1.0), (8, 0.6), (4, 1.0), (20, 0.3), (8, 0.05)):
+    for steps, denoise in ((8, 1.0), (9, 1.0), (8, 0.6), (4, 1.0), (20, 0.3), (8, 0.05)):
         rec = Recorder(model.zimage)
         try:
             sample(model, cond, steps=steps, denoise=denoise, latent_image=zero)
