@@ -12,8 +12,8 @@ import inspect
 import logging
 import sys
 
-from zimage_core import ATTENTION_BACKENDS, GUARD_POLICIES, ZImageError
-from zimage_core.native import NativeAccelerator, fp8_matmul_usable, zimage_reason
+from zimage_core import (ATTENTION_BACKENDS, GUARD_POLICIES, NativeAccelerator, ZImageError, fp8_matmul_usable,
+                         zimage_reason)
 
 from .adapters import CATEGORY
 from .api import io

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from zimage_core import MAX_TILE_SIZE, MIN_TILE_SIZE, ZImageError
-from zimage_core.vae_convert import ExactTiledDecoder
+from zimage_core import MAX_TILE_SIZE, MIN_TILE_SIZE, ExactTiledDecoder, ZImageError
 
 from .adapters import CATEGORY, cancel_check
 from .api import io

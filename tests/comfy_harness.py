@@ -235,6 +235,9 @@ def build_env(base: Path, tiny_split: dict, tiny_dir: Path) -> ComfyEnv:
     shutil.copytree(tiny_dir, models / "diffusers" / "Z-Image-Turbo")
     Image.new("RGB", (100, 60), (200, 80, 40)).save(root / "input" / "not_multiple_of_16.png")
     (root / "custom_nodes" / "zturbo_test_tiny_qwen3.py").write_text(TINY_QWEN3_NODE.format(**TINY_TEXT_ENCODER))
+    from test_native_workflows import install_native_workflow_files  # UNETLoader's tiny Z-Image, the LoRA file
+
+    install_native_workflow_files(root, tiny_split)
     return ComfyEnv(root=root, models=models, tiny_vae="ae_tiny.safetensors")
 
 

@@ -250,3 +250,39 @@ def main(task: str, root: Path, inp: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+
+
+def install_tiny_zimage_detection():
+    """``tiny_native_model``'s three detection mappings installed for good (returns the function that removes them):
+    for a ComfyUI process whose UNETLoader must load the tiny Z-Image, e.g. from a test-only custom node. Call after
+    ComfyUI's core is importable."""
+    import comfy.ldm.lumina.model as lumina
+    import comfy.model_detection as md
+    import comfy.supported_models
+
+    real_detect, real_pick, real_embedder = md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder
+
+    def detect(sd, key_prefix, *args, **kwargs):
+        cfg = real_detect(sd, key_prefix, *args, **kwargs)
+        if cfg and cfg.get("image_model") == "lumina2" and f"{key_prefix}cap_pad_token" in sd \
+                and sd[f"{key_prefix}cap_embedder.1.weight"].shape[0] != 3840:
+            cfg = tiny_unet_config(sd, key_prefix)
+        return cfg
+
+    def pick(unet_config, *args, **kwargs):
+        if unet_config.get("image_model") == "lumina2" and unet_config.get("z_image_modulation"):
+            return comfy.supported_models.ZImage(unet_config)
+        return real_pick(unet_config, *args, **kwargs)
+
+    def embedder(hidden_size, *args, output_size=None, **kwargs):  # as in tiny_native_model
+        if output_size == 256:
+            return real_embedder(1024, *args, output_size=min(hidden_size, 256), **kwargs)
+        return real_embedder(hidden_size, *args, output_size=output_size, **kwargs)
+
+    md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder = detect, pick, embedder
+
+    def remove():
+        md.detect_unet_config, md.model_config_from_unet_config = real_detect, real_pick
+        lumina.TimestepEmbedder = real_embedder
+
+    return remove

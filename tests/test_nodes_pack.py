@@ -34,11 +34,12 @@ def test_core_never_imports_comfyui():
     assert offenders == []
 
 
-def test_five_example_workflows_with_titles_and_thumbnails():
+def test_example_workflows_with_titles_and_thumbnails():
     """ComfyUI's template browser shows a custom node's template by its file name (title and search text) and
     fetches ``<name>.jpg`` beside it as the card's thumbnail (frontend 1.32 and 1.49 alike)."""
     assert WORKFLOWS.name == "example_workflows"  # ComfyUI's convention (other names log a rename hint)
-    assert [p.stem for p in WORKFLOW_FILES] == TITLES
+    assert set(TITLES) <= {p.stem for p in WORKFLOW_FILES}
+    assert all(p.stem.startswith("Z-Image Turbo - ") for p in WORKFLOW_FILES)  # found by searching "Z-Image Turbo"
     for path in WORKFLOW_FILES:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), thumb.name
@@ -86,7 +87,7 @@ def test_loaders_carry_model_download_info(path):
     widget values (frontend 1.32: getSelectedModelsMetadata, MissingModelsWarning)."""
     wf = json.loads(path.read_text(encoding="utf-8"))
     loaders = [n for n in wf["nodes"] if n["type"] in LOADERS]
-    assert any(n["type"] == "ZTurboFileLoader" for n in loaders)
+    assert any(n["type"] in ("ZTurboFileLoader", "UNETLoader") for n in loaders)  # ours, or ComfyUI's own model
     for node in loaders:
         models = node["properties"]["models"]
         assert models

@@ -57,3 +57,9 @@ from .inputs import (check_batch_size, check_denoise, check_generate_args, check
 
 __all__ += ["check_batch_size", "check_denoise", "check_generate_args", "check_guidance", "check_init_image",
             "check_output_paths", "check_prompts", "check_seed", "check_tile_args"]
+
+# ComfyUI's own Z-Image model and VAE (appended): our blocks and guard on its NextDiT, our exact tiles on its VAE.
+from .native import NativeAccelerator, fp8_matmul_usable, zimage_reason  # noqa: E402
+from .vae_convert import ExactTiledDecoder  # noqa: E402
+
+__all__ += ["NativeAccelerator", "fp8_matmul_usable", "zimage_reason", "ExactTiledDecoder"]
