@@ -60,7 +60,7 @@ def _child(folder: str) -> dict:
 def _run(folder: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE", "ZIMAGE_COMPILE_CACHE", "TRITON_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, str(folder)], env=env, capture_output=True, text=True,
                           timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -107,7 +107,7 @@ def test_unwritable_folder_is_named(tmp_path):
             "try:\n    compile_cache.enable(sys.argv[1])\nexcept ZImageError as e:\n    print(e)\n")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code, str(blocker / "sub")], env=env, capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -172,7 +172,8 @@ def _checks() -> dict:
 # ------------------------------------------------------------------------------------ the tests
 @pytest.fixture(scope="module")
 def measured() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1", ZIMAGE_KERNELS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", ZIMAGE_KERNELS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -4,6 +4,12 @@ Why: an eager bf16 step at 1024² spent ~75 of its ~150 ms in unfused elementwis
 ``benchmarks/results/raw/eager_step_profile_h200.txt``): every RMSNorm is six passes over the activations in fp32
 (float, pow, mean, rsqrt, to, mul), RoPE five more on q and on k, and the modulation multiply, tanh gate,
 residual add and SiLU·gate one pass each. Each kernel here reads its inputs once and writes its result once.
+Measured on the H200 (``benchmarks/results/eager_kernels_h200.json``): 8 steps at 1024² take 0.755 s instead of
+1.260 s (torch.compile'd: ~0.78 s; native ComfyUI eager: 0.94 s); these kernels are 6.9 of the step's 84 ms, the
+rest is matmuls (62 ms) and attention (15 ms) (``benchmarks/results/raw/eager_step_profile_kernels_h200.txt``).
+Per call at the real shapes they run at 2.6-4.1 TB/s, as fast as inductor's fusions of the same ops or faster
+(q/k norm + RoPE 36 us against inductor's 138 us), except the gated residual + next norm (50 us against 38 us:
+the exact roundings' PTX conversions cost that; see ``_round``).
 
 Which kernels (``benchmarks/bench_eager.py`` times each against the torch reference and its ``torch.compile``):
 
@@ -22,7 +28,9 @@ product rounded, then the residual sum rounded; silu rounded before the multiply
 the order of the fp32 sum of squares (a tree in one program instead of torch's reduction kernel), the hardware
 rsqrt, and Triton may contract ``a*b - c*d`` in RoPE into an fma. Each is ≤ a few fp32 ulps before the rounding
 to bf16, so a bf16 result differs from the reference by at most one bf16 ulp, and only where the fp32 value sat
-on a rounding boundary (measured on random inputs: tests/test_kernels.py; fp32 results agree to 1e-6).
+on a rounding boundary (tests/test_kernels.py, Triton's interpreter: bf16/fp16 bit for bit, fp32 to 1e-6; on the
+H200, 2e-6 of the gated residual's elements differ by one ulp, rel-L2 1.5e-5 from the reference, where
+``torch.compile`` of the same ops, which skips the intermediate roundings, is 2e-3 to 4e-3 away).
 
 When: only on CUDA tensors (or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``, when forced on —
 the tests), only when Triton imports, never while ``torch.compile`` traces (``torch.compiler.is_compiling()``:
@@ -105,7 +113,9 @@ def _last_contig(t: torch.Tensor) -> torch.Tensor:
 
 
 def _warps(block: int) -> int:
-    return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1
+    """Warps per program: 4 was fastest or within 4% at the real widths on the H200 (2, 4, 8, 16 swept by
+    benchmarks/bench_eager.py: e.g. the gated residual + next norm 55/51/51/54 us)."""
+    return 4 if block >= 1024 else 2 if block >= 256 else 1
 
 
 def rows_ok(x: torch.Tensor) -> bool:
@@ -113,13 +123,14 @@ def rows_ok(x: torch.Tensor) -> bool:
     return 1 <= x.dim() <= 4 and x.numel() > 0
 
 
-if _TRITON:
+_BITS_ROUNDING = _INTERPRET or torch.version.hip is not None  # the CUDA version below is PTX
+
+if _TRITON and _BITS_ROUNDING:
 
     @triton.jit
     def _round(x, DT: tl.constexpr):
-        """``x`` (fp32) rounded to the compute dtype ``DT`` and back, as torch stores each intermediate. bf16 rounds
-        to nearest even on the bits: the same on the GPU (where ``.to(bfloat16)`` would do it too) and in Triton's
-        CPU interpreter (whose bf16 cast truncates: 3.8's ``_convert_float``)."""
+        """``x`` (fp32) rounded to the compute dtype ``DT`` and back, as torch stores each intermediate: bf16 to
+        nearest even on the bits (Triton's CPU interpreter truncates in its bf16 cast, 3.8's ``_convert_float``)."""
         if DT == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
@@ -129,29 +140,51 @@ if _TRITON:
         else:
             return x
 
+elif _TRITON:
+
     @triton.jit
-    def _rms_rows(x, n, eps, w_ptr, offs, mask, DT: tl.constexpr):
+    def _round(x, DT: tl.constexpr):
+        """``x`` (fp32) rounded to the compute dtype ``DT`` (to nearest even) and back, by one ``cvt.rn`` each.
+        Why PTX: with a plain ``x.to(bf16).to(fp32)`` the compiler dropped some of the round trips on the H200 (the
+        gated residual then differed from torch in 22% of its elements, by one ulp); the bit version above is
+        exact too but ~5 integer ops a rounding, which made the row kernels ~2x slower (compute-bound)."""
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise("cvt.rn.bf16.f32 $0, $1;", "=h,r", [x], dtype=tl.bfloat16,
+                                             is_pure=True, pack=1).to(tl.float32)
+        elif DT == tl.float16:
+            return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16,
+                                             is_pure=True, pack=1).to(tl.float32)
+        else:
+            return x
+
+if _TRITON:
+
+    @triton.jit
+    def _rms_rows(x, n, eps, w, DT: tl.constexpr):
         """Reference ``rms``: fp32 statistics, rounded to the compute dtype, times the weight (cast to it), rounded."""
         var = tl.sum(x * x, axis=0) / n
         y = _round(x * tl.math.rsqrt(var + eps), DT)
-        w = _round(tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32), DT)
-        return _round(y * w, DT)
+        return _round(y * _round(w, DT), DT)
 
     @triton.jit
     def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n, eps, n1, n2,
                     xs0, xs1, xs2, ss0, ss1, ss2,
                     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        i2 = row % n2
-        i1 = (row // n2) % n1
-        i0 = row // (n1 * n2)
+        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
+        i2 = (row % n2).to(tl.int64)
+        i1 = ((row // n2) % n1).to(tl.int64)
+        i0 = (row // (n1 * n2)).to(tl.int64)
+        row = row.to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = y_ptr.dtype.element_ty
+        # every load first, then the maths: no DRAM round trip waits behind the reduction (measured on the H200)
         x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2 + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _rms_rows(x, n, eps, w_ptr, offs, mask, DT)
-        if HAS_SCALE:  # ``scale`` is the already rounded ``1 + scale`` of the reference; the product rounds once
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
             s = tl.load(s_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _rms_rows(x, n, eps, w, DT)
+        if HAS_SCALE:  # ``scale`` is the already rounded ``1 + scale`` of the reference; the product rounds once
             y = y * s
         tl.store(y_ptr + row * n + offs, _round(y, DT).to(DT), mask=mask)
 
@@ -160,34 +193,42 @@ if _TRITON:
                          xs0, xs1, xs2, os0, os1, os2, gs0, gs1, gs2, ss0, ss1, ss2,
                          HAS_GATE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
                          BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        i2 = row % n2
-        i1 = (row // n2) % n1
-        i0 = row // (n1 * n2)
+        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
+        i2 = (row % n2).to(tl.int64)
+        i1 = ((row // n2) % n1).to(tl.int64)
+        i0 = (row // (n1 * n2)).to(tl.int64)
+        row = row.to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = out_ptr.dtype.element_ty
+        # every load first, then the maths: no DRAM round trip waits behind a reduction (measured on the H200)
         o = tl.load(o_ptr + i0 * os0 + i1 * os1 + i2 * os2 + offs, mask=mask, other=0.0).to(tl.float32)
-        y = _rms_rows(o, n, eps, w_ptr, offs, mask, DT)
-        if HAS_GATE:  # gate = tanh(gate), rounded by the caller as the reference does; the product rounds
-            g = tl.load(g_ptr + i0 * gs0 + i1 * gs1 + i2 * gs2 + offs, mask=mask, other=0.0).to(tl.float32)
-            y = _round(g * y, DT)
         x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2 + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(g_ptr + i0 * gs0 + i1 * gs1 + i2 * gs2 + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_NEXT:
+            w2 = tl.load(w2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALE:
+                s = tl.load(s2_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _rms_rows(o, n, eps, w, DT)
+        if HAS_GATE:  # gate = tanh(gate), rounded by the caller as the reference does; the product rounds
+            y = _round(g * y, DT)
         x = _round(x + y, DT)
         tl.store(out_ptr + row * n + offs, x.to(DT), mask=mask)
         if HAS_NEXT:  # the next norm on the new residual stream, from registers
-            h = _rms_rows(tl.where(mask, x, 0.0), n, eps2, w2_ptr, offs, mask, DT)
+            h = _rms_rows(x, n, eps2, w2, DT)
             if HAS_SCALE:
-                s = tl.load(s2_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + offs, mask=mask, other=0.0).to(tl.float32)
                 h = h * s
             tl.store(h_ptr + row * n + offs, _round(h, DT).to(DT), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        i2 = row % n2
-        i1 = (row // n2) % n1
-        i0 = row // (n1 * n2)
+        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
+        i2 = (row % n2).to(tl.int64)
+        i1 = ((row // n2) % n1).to(tl.int64)
+        i0 = (row // (n1 * n2)).to(tl.int64)
+        row = row.to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -201,10 +242,11 @@ if _TRITON:
                         xsb, xss, xsw, xsh, csb, css, out_stride,
                         HAS_NORM: tl.constexpr, BH: tl.constexpr, D: tl.constexpr):
         """One token (all heads) of q (program_id(1) == 0) or k (== 1): [rms →] RoPE on interleaved pairs."""
-        tok = tl.program_id(0).to(tl.int64)
+        tok = tl.program_id(0)
         which = tl.program_id(1)
-        b = tok // seq
-        s = tok % seq
+        b = (tok // seq).to(tl.int64)
+        s = (tok % seq).to(tl.int64)
+        tok = tok.to(tl.int64)
         HALF: tl.constexpr = D // 2
         DT: tl.constexpr = y_ptr.dtype.element_ty
         h = tl.arange(0, BH)
@@ -213,6 +255,9 @@ if _TRITON:
         mask = hmask[:, None] & (d[None, :] < D)
         base = x_ptr + b * xsb + s * xss + which * xsw
         x = tl.load(base + h[:, None] * xsh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        j = tl.arange(0, HALF)
+        c = tl.load(c_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
+        sn = tl.load(s_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
         if HAS_NORM:
             var = tl.sum(x * x, axis=1) / D
             x = _round(x * tl.math.rsqrt(var + eps)[:, None], DT)
@@ -222,9 +267,6 @@ if _TRITON:
                 w = _round(tl.load(wk_ptr + d).to(tl.float32), DT)
             x = _round(x * w[None, :], DT)
         x1, x2 = tl.split(tl.reshape(x, (BH, HALF, 2)))
-        j = tl.arange(0, HALF)
-        c = tl.load(c_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
-        sn = tl.load(s_ptr + b * csb + s * css + j).to(tl.float32)[None, :]
         y = tl.reshape(tl.join(x1 * c - x2 * sn, x1 * sn + x2 * c), (BH, D))
         out = y_ptr + which * out_stride + tok * heads * D
         tl.store(out + h[:, None] * D + d[None, :], _round(y, DT).to(DT), mask=mask)
