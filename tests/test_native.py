@@ -198,6 +198,37 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
     results["vae_bad_latent"] = _error_of(
         lambda: ZTurboNativeVAEDecodeTiled.execute({"samples": torch.zeros(1, 4, 8, 8)}, vae))
 
+    # ------------------------------------------------------------ one block: diffusers' layout vs ComfyUI's
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_core.blocks import block_forward, original_block_shape, original_block_weights
+    from zimage_core.native import native_blocks, rope_tables
+    from zimage_core.tiny import tiny_configs
+    from zimage_core.weights import TransformerWeights
+
+    ref = ZImageTransformer2DModel(**tiny_configs()[0])
+    ref.load_state_dict(load_file(str(inp / "diffusers_transformer.safetensors")))
+    owner = TransformerWeights.of(ref)
+    dm = base.model.diffusion_model
+    seq = 40
+    pos = torch.stack([torch.arange(seq), torch.arange(seq) % 5, torch.arange(seq) % 7], -1).float()[None]
+    freqs = dm.rope_embedder(pos).movedim(1, 2)  # ComfyUI's own rotation matrices
+    cos, sin = rope_tables(freqs)
+    x = torch.randn(2, seq, dm.dim, generator=gen)
+    adaln = torch.randn(2, 256 if dm.dim > 256 else dm.dim, generator=gen)
+    worst = 0.0
+    for name, block in native_blocks(dm).items():
+        a = adaln if block.modulation else None
+        ours_native = block_forward(x, None, cos, sin, a, original_block_weights(block), original_block_shape(block),
+                                    False)
+        # the same shape for both: the layouts alone (q/k norm eps differ, 1e-5 vs float32's eps: 6e-5 here)
+        ours_diffusers = block_forward(x, None, cos, sin, a, owner.block(name), original_block_shape(block), False)
+        comfy_own = type(block).forward(block, x, None, freqs, a)
+        worst = max(worst, (ours_native - ours_diffusers).abs().max().item())
+        results.setdefault("block_vs_comfy", {})[name] = (ours_native - comfy_own).abs().max().item()
+    results["block_layouts_max_diff"] = worst
+    results["block_shapes"] = [list(original_block_shape(dm.layers[0])), list(owner.shape)]
+
     # ------------------------------------------------------------ a model that is not Z-Image is refused
     lumina = _lumina2_patcher(base_sd)
     results["refused"] = _error_of(lambda: accel_mod.ZTurboAccelerate.execute(lumina))
@@ -256,6 +287,8 @@ if __name__ != "__main__":
         for fmt in ("native_dm", "native_kohya", "diffusers_dm", "lycoris", "peft", "bare"):
             write_lora(d / f"lora_{fmt}.safetensors", shapes, fmt, alpha=fmt not in ("peft", "bare", "native_kohya"))
         write_full_size_vae(d / "ae.safetensors")
+        save_file({k: v.contiguous() for k, v in tiny_models[0].state_dict().items()},
+                  str(d / "diffusers_transformer.safetensors"))
         return d
 
     @pytest.fixture(scope="module", params=VERSIONS)
@@ -361,6 +394,15 @@ if __name__ != "__main__":
             assert (tiled - native).abs().max().item() <= 2 / 255, overlap
         err = results["vae_bad_latent"]
         assert err["type"] == results["zimage_error"] and "16-channel" in err["message"], err
+
+    def test_native_block_matches_diffusers_block(native_run):
+        """One tiny transformer in both layouts (diffusers' through the weight owner's views, ComfyUI's NextDiT through
+        original_block_weights) gives the same block outputs; and ComfyUI's own block forward agrees."""
+        _, results, _, _ = native_run
+        assert results["block_layouts_max_diff"] < 1e-6, results["block_layouts_max_diff"]
+        heads, eps, _ = results["block_shapes"][0]
+        assert [heads, eps] == results["block_shapes"][1][:2]  # q/k eps differ: ComfyUI's is float32's epsilon
+        assert max(results["block_vs_comfy"].values()) < 1e-5, results["block_vs_comfy"]
 
     def test_non_zimage_model_is_refused(native_run):
         _, results, _, _ = native_run

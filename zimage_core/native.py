@@ -156,6 +156,17 @@ def compiled_clamped_block_forward():
     return _COMPILED_CLAMPED
 
 
+def _detached(value):
+    """The weight view with plain (no-grad) tensors: ComfyUI's loaded weights and its LoRA-patched ones differ in
+    ``requires_grad``, which torch.compile would otherwise guard on (one more graph per kind)."""
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, tuple):
+        items = [_detached(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
 class NativeAccelerator:
     """Runs the blocks of ComfyUI's Z-Image NextDiT with ``blocks.block_forward``; see the module docstring.
 
@@ -214,7 +225,7 @@ class NativeAccelerator:
     def _fast(self, block, x, freqs_cis, adaln, dtype=None):
         """Our maths on ``block`` (in ``dtype`` when given: a sticky block, weights cast at use)."""
         cos, sin = self._cos_sin(freqs_cis)
-        weights, shape = original_block_weights(block), original_block_shape(block)
+        weights, shape = _detached(original_block_weights(block)), original_block_shape(block)
         out_dtype = x.dtype
         if dtype is not None and dtype != x.dtype:
             x = x.to(dtype)
