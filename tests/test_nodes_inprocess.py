@@ -17,7 +17,7 @@ from zimage_core.vae import to_model_space, to_vae_space
 PROMPT = "a red fox in fresh snow, morning light"  # as in comfy_inprocess.py
 KW = dict(seed=7, width=96, height=64)
 ATOL = 1e-5
-NODE_IDS = ["ZTurboAccelerate", "ZTurboDiffusersLoader", "ZTurboFileLoader", "ZTurboLoadOptions", "ZTurboLoader", "ZTurboNativeVAEDecodeTiled", "ZTurboPrecisionGuard",
+NODE_IDS = ["ZTurboAccelerate", "ZTurboDiffusersLoader", "ZTurboFileLoader", "ZTurboLoRA", "ZTurboLoadOptions", "ZTurboLoader", "ZTurboNativeVAEDecodeTiled", "ZTurboPrecisionGuard",
             "ZTurboSampler", "ZTurboTextEncode", "ZTurboVAEDecode", "ZTurboVAEDecodeTiled", "ZTurboVAEEncode"]
 
 
