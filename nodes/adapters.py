@@ -77,14 +77,25 @@ def diffusers_path(name: str) -> str | None:
     return None
 
 
+# The text encoder and VAE choice that loads nothing: ComfyUI's own CLIPTextEncode and VAE nodes do that work, so a
+# graph mixing them with our sampler does not hold Qwen3-4B and the VAE twice (about 8 GB).
+NOT_LOADED = "none (ComfyUI's own node)"
+
+
 def file_input(component: str, tooltip: str, from_folder: bool = False) -> io.Combo.Input:
-    """A combo of the files in the component's model folder, defaulting to the official file name."""
+    """A combo of the files in the component's model folder, defaulting to the official file name; the text encoder
+    and the VAE may also be left out (``NOT_LOADED``)."""
     import folder_paths
 
     folder, official = COMPONENTS[component]
     files = folder_paths.get_filename_list(folder)
     default = official if official in files or not files else files[0]
     options = [*files, FROM_FOLDER] if from_folder else (files or [official])
+    if component != "transformer" and not from_folder:
+        options = [*options, NOT_LOADED]
+        tooltip += (f" '{NOT_LOADED}': not loaded, for graphs where ComfyUI's "
+                    + ("CLIPLoader + CLIPTextEncode encode the prompt." if component == "text_encoder"
+                       else "VAELoader + VAEDecode/VAEEncode do the VAE's work."))
     return io.Combo.Input(component, options=options, default=default, tooltip=tooltip)
 
 
@@ -110,6 +121,8 @@ def model_files(diffusers_model: str, parts: dict[str, str]) -> tuple[str | None
                             f"({DIFFUSERS_URL}, the folder with model_index.json) into ComfyUI/models/diffusers/")
     files = {}
     for component, name in parts.items():
+        if name == NOT_LOADED:
+            continue
         if name == FROM_FOLDER:
             files[component] = None
             if diffusers_model == NONE:
@@ -192,7 +205,8 @@ def load_model(model_dir: str | None, files: dict[str, str | None], dtype: str, 
     if options.offload == "none":
         make_room(bytes_to_load(model_dir, files), device)
     # reuse: a changed dtype or offload mode reloads only what changed
-    zimage = ZImage.load(model_dir, **files, device=device, dtype=dtype, reuse=True, **options.load_kwargs())
+    skip = tuple(c for c in ("text_encoder", "vae") if c not in files)
+    zimage = ZImage.load(model_dir, **files, device=device, dtype=dtype, reuse=True, skip=skip, **options.load_kwargs())
     return ModelHandle(zimage)
 
 
@@ -225,8 +239,7 @@ class ModelHandle:
         policy = guard_override or self.guard or zimage.default_guard_policy()
         current = zimage.guard.policy if zimage.guard is not None else "off"
         if policy != current:
-            zimage.set_precision_guard(policy)
-            zimage.prompt_encoder.clear_cache()  # embeddings made under the old policy may hold its overflow
+            zimage.set_precision_guard(policy)  # also forgets embeddings made under the old policy
         return zimage
 
     def __repr__(self) -> str:  # shown by ComfyUI in error reports

@@ -214,6 +214,8 @@ class Offloader:
             previous = None
             for name in ("text_encoder", "transformer", "vae"):
                 model = getattr(z, name)
+                if model is None:  # left out (ComfyUI's own CLIP/VAE nodes do its work)
+                    continue
                 hook = ComponentHook(StorageSet(module_tensors(model, self._extra(name)), pin), device, previous)
                 add_hook_to_module(model, hook)
                 hook.offload()
@@ -222,19 +224,22 @@ class Offloader:
             blocks = transformer_blocks(z.transformer)
             extra = {name: fused_tensors(z.transformer, [name]) for name in blocks}
             self.streamers.append(BlockStreamer(blocks, device, loop_from="noise_refiner.0", extra=extra))
-            layers = {f"layers.{i}": layer for i, layer in enumerate(z.text_encoder.layers)}
-            self.streamers.append(BlockStreamer(layers, device))
+            te_hook = None
+            if z.text_encoder is not None:
+                layers = {f"layers.{i}": layer for i, layer in enumerate(z.text_encoder.layers)}
+                self.streamers.append(BlockStreamer(layers, device))
+                # Everything outside the streamed blocks is small (embedders, final layer, the VAE) and moves whole.
+                te_hook = ComponentHook(StorageSet(_rest_of(z.text_encoder, list(layers.values())), pin), device)
             for s in self.streamers:
                 s.drop_all()
-            # Everything outside the streamed blocks is small (embedders, final layer, the VAE) and moves whole.
-            te_rest = StorageSet(_rest_of(z.text_encoder, list(layers.values())), pin)
             tr_rest = StorageSet(_rest_of(z.transformer, list(blocks.values()), [t for e in extra.values() for t in e]),
                                  pin)
-            te_hook = ComponentHook(te_rest, device)
             tr_hook = ComponentHook(tr_rest, device, te_hook)
-            vae_hook = ComponentHook(StorageSet(module_tensors(z.vae), pin), device, tr_hook)
+            vae_hook = ComponentHook(StorageSet(module_tensors(z.vae), pin), device, tr_hook) if z.vae else None
             for name, model, hook in (("text_encoder", z.text_encoder, te_hook), ("transformer", z.transformer, tr_hook),
                                       ("vae", z.vae, vae_hook)):
+                if model is None:
+                    continue
                 add_hook_to_module(model, hook)
                 hook.offload()
                 self.hooks[name] = hook

@@ -90,23 +90,36 @@ class ZImage:
         self.transformer, self.text_encoder, self.vae = transformer, text_encoder, vae
         self.policy, self.device, self.shift = policy, torch.device(device), shift
         self.sources = sources or {}
-        self._adopt(transformer, text_encoder, vae)
-        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device)
+        self._adopt(*self.models().values())
+        # Without a text encoder (ComfyUI's own CLIP nodes encode) or a VAE (ComfyUI's own VAE nodes decode) the
+        # parts that need them say so; nothing is loaded twice.
+        self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device) if text_encoder else None
         self.guard = None
         self.loras: dict[str, tuple] = {}  # name -> (LoraFile, strength), in the order they apply
         self.offloader = Offloader(self)
         if offload == "none":  # a model taken over from an offloaded ZImage may sit on the CPU
-            for model in (transformer, text_encoder, vae):
+            for model in self.models().values():
                 place(model, self.device)
         self.set_speed(speed or SpeedOptions())
         if offload != "none":
             self.set_offload(offload)
         cap_dim = transformer.config.cap_feat_dim
-        if text_encoder.config.hidden_size != cap_dim:
+        if text_encoder is not None and text_encoder.config.hidden_size != cap_dim:
             raise ZImageError(
                 f"the text encoder gives {text_encoder.config.hidden_size}-wide embeddings but the transformer "
                 f"expects {cap_dim}: Z-Image-Turbo needs Qwen3-4B (qwen_3_4b.safetensors)."
             )
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The components this ZImage holds, by name (the text encoder and the VAE may be left out)."""
+        return {name: m for name, m in (("transformer", self.transformer), ("text_encoder", self.text_encoder),
+                                        ("vae", self.vae)) if m is not None}
+
+    def _need(self, component: str, fix: str):
+        model = getattr(self, component)
+        if model is None:
+            raise ZImageError(f"this model was loaded without its {component.replace('_', ' ')}: {fix}")
+        return model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -125,8 +138,12 @@ class ZImage:
         speed: SpeedOptions | None = None,
         offload: str = "none",
         reuse: bool = False,
+        skip: tuple[str, ...] = (),
     ) -> "ZImage":
         """From a diffusers folder (``model``) or split files; a split file given with ``model`` replaces that part.
+
+        ``skip`` leaves out ``"text_encoder"`` and/or ``"vae"``, for graphs where ComfyUI's own CLIP and VAE nodes
+        do that work: prompts then come as embeddings, latents go out undecoded.
 
         With ``reuse`` a component loaded before from the same files with the same dtypes is taken over
         instead of read again (``loading.cached_load``), so changing one dtype or the offload mode reloads
@@ -143,7 +160,11 @@ class ZImage:
                 f"{model_dir} is not a diffusers folder (no model_index.json). Pass the folder of "
                 "Tongyi-MAI/Z-Image-Turbo, or the three split files instead."
             )
+        unknown = set(skip) - {"text_encoder", "vae"}
+        if unknown:
+            raise ZImageError(f"skip {sorted(unknown)} is not allowed: only 'text_encoder' and 'vae' can be left out.")
         parts = {"transformer": transformer, "text_encoder": text_encoder, "vae": vae}
+        parts = {name: value for name, value in parts.items() if name not in skip}
         for name, value in parts.items():
             if value is None:
                 if model_dir is None:
@@ -156,13 +177,14 @@ class ZImage:
                 # a split file given with a model folder: that folder's config, not one guessed from shapes
                 parts[name] = (Path(value), model_dir / name)
         policy = resolve_policy(device, dtype, storage, overrides)
-        tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir))
+        tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir)) if "text_encoder" in parts else None
         stats: list = []
         where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
         load = loading.cached_load if reuse else loading.load_component
-        models = {c: load(c, parts[c], policy.for_component(c), where, stats)
+        models = {c: load(c, parts[c], policy.for_component(c), where, stats) if c in parts else None
                   for c in ("transformer", "text_encoder", "vae")}
-        sources = {k: str(v[0] if isinstance(v, tuple) else v) for k, v in parts.items()} | {"tokenizer": str(tok.path), "load_stats": stats}
+        sources = {k: str(v[0] if isinstance(v, tuple) else v) for k, v in parts.items()} | {
+            "tokenizer": str(tok.path) if tok else None, "load_stats": stats}
         return cls(**models, tokenizer=tok, policy=policy, device=device, shift=_shift_of(model_dir),
                    sources=sources, speed=speed, offload=offload)
 
@@ -241,9 +263,13 @@ class ZImage:
         from .lora import load_lora
 
         lora = load_lora(source, shapes=TransformerWeights.of(self.transformer).canonical_shapes(),
-                         text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()})
+                         text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()}
+                         if self.text_encoder is not None else {})
         for line in lora.unmatched_lines():
             log.warning("%s", line)
+        if lora.text_encoder and self.text_encoder is None:
+            log.warning("%s: its %d text-encoder weights are not applied: this model was loaded without its text "
+                        "encoder (apply the LoRA to ComfyUI's CLIP with LoraLoader).", lora.name, len(lora.text_encoder))
         return lora
 
     def set_lora_strength(self, name: str, strength: float) -> None:
@@ -265,6 +291,8 @@ class ZImage:
     def _merge_loras(self) -> None:
         self.offloader.finish()  # offloaded weights point at their CPU masters: merge there, where they persist
         for component, model in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
+            if model is None:
+                continue
             patches: dict[str, list] = {}
             for lora, strength in self.loras.values():
                 for target, plist in getattr(lora, component).items():
@@ -275,7 +303,7 @@ class ZImage:
 
     def default_guard_policy(self) -> str:
         """auto when any component computes in fp16, else off."""
-        fp16 = any(self.policy.for_component(c).compute == torch.float16 for c in ("transformer", "text_encoder", "vae"))
+        fp16 = any(self.policy.for_component(c).compute == torch.float16 for c in self.models())
         return "auto" if fp16 else "off"
 
     def set_precision_guard(self, policy: str | None = None):
@@ -287,14 +315,17 @@ class ZImage:
             self.guard.detach()
         self.guard = None
         if policy != "off":
-            models = {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
-            self.guard = PrecisionGuard(policy, self.device).attach(models)
-        self.prompt_encoder.guard = self.guard
+            self.guard = PrecisionGuard(policy, self.device).attach(self.models())
+        if self.prompt_encoder is not None:
+            self.prompt_encoder.guard = self.guard
+            self.prompt_encoder.clear_cache()  # embeddings made under the old policy may hold its overflow
         self._make_denoiser()
         return self.guard
 
     # ---------------------------------------------------------------- the recipe
     def encode_prompt(self, prompts: list[str] | str) -> list[torch.Tensor]:
+        self._need("text_encoder", "encode the prompt with ComfyUI's CLIPLoader (type lumina2) + CLIPTextEncode, or "
+                   "load the text encoder too.")
         return self.prompt_encoder.encode(prompts)
 
     def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
@@ -305,10 +336,13 @@ class ZImage:
         return sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
 
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
+        self._need("vae", "decode the LATENT with ComfyUI's VAELoader + VAEDecode (or our tiled decode for a native VAE), "
+                   "or load the VAE too.")
         self.offloader.before("vae")  # the exact tiled decode calls the decoder's parts, not vae.decode
         return vae_ops.decode(self.vae, latents, guard=self.guard, device=self.device, **kwargs)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        self._need("vae", "encode the image with ComfyUI's VAELoader + VAEEncode, or load the VAE too.")
         return vae_ops.encode(self.vae, image, device=self.device)
 
     def generate(

@@ -30,12 +30,24 @@ def vae_device(vae) -> torch.device:
     return next(vae.parameters()).device
 
 
+def _factors(vae) -> tuple[float, float]:
+    """(scaling, shift) of the VAE's latents; the shipped Flux VAE's when the model was loaded without its VAE."""
+    if vae is None:
+        from .formats import shipped_config
+
+        cfg = shipped_config("vae")
+        return cfg["scaling_factor"], cfg["shift_factor"]
+    return vae.config.scaling_factor, vae.config.shift_factor
+
+
 def to_vae_space(vae, latents: torch.Tensor) -> torch.Tensor:
-    return latents / vae.config.scaling_factor + vae.config.shift_factor
+    scaling, shift = _factors(vae)
+    return latents / scaling + shift
 
 
 def to_model_space(vae, z: torch.Tensor) -> torch.Tensor:
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+    scaling, shift = _factors(vae)
+    return (z - shift) * scaling
 
 
 def check_tiling(tile_size: int, overlap: int) -> None:
