@@ -4,12 +4,11 @@ Why: an eager bf16 step at 1024² spent ~75 of its ~150 ms in unfused elementwis
 ``benchmarks/results/raw/eager_step_profile_h200.txt``): every RMSNorm is six passes over the activations in fp32
 (float, pow, mean, rsqrt, to, mul), RoPE five more on q and on k, and the modulation multiply, tanh gate,
 residual add and SiLU·gate one pass each. Each kernel here reads its inputs once and writes its result once.
-Measured on the H200 (``benchmarks/results/eager_kernels_h200.json``): 8 steps at 1024² take 0.755 s instead of
-1.260 s (torch.compile'd: ~0.78 s; native ComfyUI eager: 0.94 s); these kernels are 6.9 of the step's 84 ms, the
-rest is matmuls (62 ms) and attention (15 ms) (``benchmarks/results/raw/eager_step_profile_kernels_h200.txt``).
-Per call at the real shapes they run at 2.6-4.1 TB/s, as fast as inductor's fusions of the same ops or faster
-(q/k norm + RoPE 36 us against inductor's 138 us), except the gated residual + next norm (50 us against 38 us:
-the exact roundings' PTX conversions cost that; see ``_round``).
+Measured on the H200 (``benchmarks/results/eager_kernels_h200.json``): 8 steps at 1024² take 0.747 s instead of
+1.256 s (torch.compile'd: ~0.78 s; native ComfyUI eager: 0.94 s); what is left of the step is matmuls and
+attention (``benchmarks/results/raw/eager_step_profile_kernels_h200.txt``). Per call at the real shapes these
+kernels move 3.3-4.1 TB/s, as fast as inductor's fusions of the same ops or faster (q/k norm + RoPE 35 us against
+inductor's 138 us; RMSNorm·(1+scale) 20 against 23; gated residual + next norm 39 against 38).
 
 Which kernels (``benchmarks/bench_eager.py`` times each against the torch reference and its ``torch.compile``):
 
@@ -147,10 +146,12 @@ elif _TRITON:
         """``x`` (fp32) rounded to the compute dtype ``DT`` (to nearest even) and back, by one ``cvt.rn`` each.
         Why PTX: with a plain ``x.to(bf16).to(fp32)`` the compiler dropped some of the round trips on the H200 (the
         gated residual then differed from torch in 22% of its elements, by one ulp); the bit version above is
-        exact too but ~5 integer ops a rounding, which made the row kernels ~2x slower (compute-bound)."""
+        exact too but ~5 integer ops a rounding, which made the row kernels ~2x slower (compute-bound). bf16 uses
+        the paired ``cvt.rn.bf16x2.f32`` (gated residual + next norm 39 us; 50 us one value per instruction).
+        fp16 (one per instruction) was checked for exactness on the H200, not tuned."""
         if DT == tl.bfloat16:
-            return tl.inline_asm_elementwise("cvt.rn.bf16.f32 $0, $1;", "=h,r", [x], dtype=tl.bfloat16,
-                                             is_pure=True, pack=1).to(tl.float32)
+            return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.bfloat16,
+                                             is_pure=True, pack=2).to(tl.float32)
         elif DT == tl.float16:
             return tl.inline_asm_elementwise("cvt.rn.f16.f32 $0, $1;", "=h,r", [x], dtype=tl.float16,
                                              is_pure=True, pack=1).to(tl.float32)
