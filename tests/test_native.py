@@ -276,8 +276,7 @@ if __name__ != "__main__":
     def native_inputs(tmp_path_factory, tiny_models):
         from safetensors.torch import save_file
 
-        from comfy_harness import write_full_size_vae
-        from helpers import transformer_to_original
+        from helpers import transformer_to_original, vae_to_original
         from test_lora import write_lora
 
         d = tmp_path_factory.mktemp("native-in")
@@ -286,7 +285,15 @@ if __name__ != "__main__":
         shapes = {k: tuple(v.shape) for k, v in state.items()}
         for fmt in ("native_dm", "native_kohya", "diffusers_dm", "lycoris", "peft", "bare"):
             write_lora(d / f"lora_{fmt}.safetensors", shapes, fmt, alpha=fmt not in ("peft", "bare", "native_kohya"))
-        write_full_size_vae(d / "ae.safetensors")
+        from diffusers import AutoencoderKL
+
+        from zimage_core.formats import shipped_config
+        from zimage_core.tiny import randomize_
+
+        # ComfyUI's VAE loader takes only the real Flux VAE architecture (84 M parameters, random weights here)
+        vae = randomize_(AutoencoderKL(**{k: v for k, v in shipped_config("vae").items() if not k.startswith("_")}), 11)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae_to_original(vae.state_dict(), vae.config).items()},
+                  str(d / "ae.safetensors"))
         save_file({k: v.contiguous() for k, v in tiny_models[0].state_dict().items()},
                   str(d / "diffusers_transformer.safetensors"))
         return d
