@@ -146,6 +146,68 @@ def node_output(out):
     return out.result[0] if hasattr(out, "result") else out[0]
 
 
+def core_metrics(args, ckpt, positive, native_latents, lora_sd, metrics, rel_l2) -> None:
+    """Our own loader's transformer path on the same file and conditioning: defaults (eager, fused kernels, CUDA
+    graphs), compiled, and compiled with a merged LoRA; first calls and medians of interleaved rounds."""
+    import torch
+
+    from zimage_core import sampler as core_sampler
+    from zimage_core.dtypes import ComponentDtype
+    from zimage_core.fast_denoiser import FastDenoiser
+    from zimage_core.loading import load_transformer
+    from zimage_core.lora import load_lora
+    from zimage_core.weights import TransformerWeights
+
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = load_transformer(ckpt, ComponentDtype(dtype, dtype), device)
+    feats = [positive[0][0][0].to(device, dtype)]
+    kw = dict(seed=42, width=args.size, height=args.size, steps=args.steps)
+    graphs = device.type == "cuda"
+    variants = {"core_default": FastDenoiser(transformer, device, dtype=dtype, cuda_graph=graphs, fuse_ffn=False),
+                "core_compiled": FastDenoiser(transformer, device, dtype=dtype, compile=True, cuda_graph=graphs,
+                                              fuse_ffn=False)}
+
+    def run(d):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = core_sampler.sample(d, feats, **kw)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    outs = {}
+    for name, d in variants.items():
+        metrics[f"{name}_first_call_s"], outs[name] = run(d)
+        print(f"{name}: first call {metrics[f'{name}_first_call_s']:.2f} s", flush=True)
+    owner = TransformerWeights.of(transformer)
+    lora = load_lora(lora_sd, shapes=owner.canonical_shapes())
+    patches = {k: [(p, 1.0) for p in v] for k, v in lora.transformer.items()}
+    times = {"core_default": [], "core_compiled": [], "core_compiled_lora": []}
+    for r in range(args.rounds):
+        for name in ("core_default", "core_compiled"):
+            seconds, outs[name] = run(variants[name])
+            times[name].append(seconds)
+        start = time.perf_counter()
+        owner.merge(patches)
+        metrics["core_lora_merge_s"] = time.perf_counter() - start
+        run(variants["core_compiled"])  # the weights' version changed: graphs are captured again
+        seconds, outs["core_compiled_lora"] = run(variants["core_compiled"])
+        times["core_compiled_lora"].append(seconds)
+        owner.merge({})  # back to the originals
+    for name, values in times.items():
+        metrics[f"{name}_s"] = statistics.median(values)
+        metrics[f"{name}_all_s"] = values
+    metrics["core_default_rel_l2_vs_native"] = rel_l2(outs["core_default"], native_latents)
+    metrics["core_compiled_rel_l2_vs_native"] = rel_l2(outs["core_compiled"], native_latents)
+    metrics["core_lora_overhead_compiled_ratio"] = metrics["core_compiled_lora_s"] / metrics["core_compiled_s"]
+    metrics["core_default_over_native"] = metrics["core_default_s"] / metrics["native_s"]
+    metrics["core_default_first_image_over_native"] = metrics["core_default_first_call_s"] / metrics["native_s"]
+    for name in times:
+        print(f"{name}: {metrics[f'{name}_s']:.3f} s", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy", required=True, help="a ComfyUI tree (0.3.75 or 0.33.0)")
@@ -158,6 +220,10 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--skip-native-compile", action="store_true", help="leave out TorchCompileModel (its ~50 s)")
+    p.add_argument("--native-compile-lora", action="store_true", help="TorchCompileModel on the LoRA model too")
+    p.add_argument("--core", action="store_true",
+                   help="also our own loader's path (zimage_core: defaults, compiled, compiled + a merged LoRA) on the "
+                        "same checkpoint and conditioning, in the same process")
     args = p.parse_args()
     if args.smoke:
         args.size, args.steps, args.rounds, args.tokens = 64, 2, 2, 19
@@ -217,7 +283,7 @@ def main() -> int:
     groups = {}
     for tag, model in (("", base), ("_lora", lora)):
         variants = {f"native{tag}": model}
-        if not args.skip_native_compile:
+        if not args.skip_native_compile and (tag == "" or args.native_compile_lora):
             variants[f"native_compiled{tag}"] = node_output(TorchCompileModel.execute(model, "inductor"))
         variants[f"ours_eager{tag}"] = accel_mod.accelerate(model, compile=False)[0]
         variants[f"ours_compiled{tag}"] = accel_mod.accelerate(model, compile=True)[0]
@@ -244,6 +310,8 @@ def main() -> int:
             print(f"{name}: {metrics[f'{name}_s']:.3f} s (median of {len(values)}), rel-L2 vs native "
                   f"{metrics[f'{name}_rel_l2_vs_native']:.2e}", flush=True)
     metrics["lora_effect_rel_l2"] = rel_l2(latents["native_lora"], latents["native"])
+    if args.core:
+        core_metrics(args, ckpt, positive, latents["native"], random_lora(base, args.rank), metrics, rel_l2)
     metrics["accelerate_speedup_vs_native"] = metrics["native_s"] / metrics["ours_compiled_s"]
     metrics["accelerate_speedup_vs_native_lora"] = metrics["native_lora_s"] / metrics["ours_compiled_lora_s"]
     metrics["accelerate_eager_speedup_vs_native"] = metrics["native_s"] / metrics["ours_eager_s"]

@@ -40,14 +40,23 @@ log = logging.getLogger(__name__)
 ENV = "ZIMAGE_COMPILE_CACHE"
 BUNDLE = "artifacts.bin"
 _lock = threading.Lock()
-_state = {"folder": None, "loaded": None, "saved": False, "redirected": False}
+_state = {"folder": None, "loaded": None, "saved": False, "redirected": False, "preferred": None}
+
+
+def prefer_folder(path: str | os.PathLike) -> None:
+    """The folder ``enable()`` uses when no path is given and ``$ZIMAGE_COMPILE_CACHE`` is unset (the ComfyUI nodes
+    pass one under ComfyUI's user directory). Nothing is created or changed until the first compile."""
+    _state["preferred"] = Path(path).expanduser()
 
 
 def default_folder() -> Path:
-    """``$ZIMAGE_COMPILE_CACHE``, else the user cache: ``$XDG_CACHE_HOME`` or ``~/.cache``, ``zimage-turbo/compile``."""
+    """``$ZIMAGE_COMPILE_CACHE``, else the preferred folder (``prefer_folder``), else the user cache:
+    ``$XDG_CACHE_HOME`` or ``~/.cache``, ``zimage-turbo/compile``."""
     env = os.environ.get(ENV)
     if env and env not in ("0", "off"):
         return Path(env).expanduser()
+    if _state["preferred"] is not None:
+        return _state["preferred"]
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "zimage-turbo" / "compile"
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from . import compile_cache
 from .attention import backend_context
 from .blocks import block_forward
 from .cuda_graphs import StepGraphs, graphs_usable
@@ -38,6 +39,7 @@ def compiled_block_forward():
     every denoiser; the sequence length is dynamic, so new prompts and sizes don't recompile)."""
     global _COMPILED
     if _COMPILED is None:
+        compile_cache.enable()  # compiled code persists across processes (compile_cache.py)
         _COMPILED = torch.compile(block_forward, fullgraph=True, dynamic=None)
     return _COMPILED
 

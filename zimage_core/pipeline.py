@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import loading, sampler, samplers, vae as vae_ops
+from . import compile_cache, loading, sampler, samplers, vae as vae_ops
 from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser
 from .attention import check_backend
@@ -333,7 +333,10 @@ class ZImage:
         self.offloader.before("transformer")
         if isinstance(self.denoiser, FastDenoiser):
             self.denoiser.streamer = self.offloader.transformer_streamer
-        return sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
+        latents = sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
+        if getattr(self.denoiser, "compiled", False):
+            compile_cache.save_once()  # the first compiled generation's code, for the next process
+        return latents
 
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
         self._need("vae", "decode the LATENT with ComfyUI's VAELoader + VAEDecode (or our tiled decode for a native VAE), "
