@@ -77,24 +77,11 @@ def load_pack():
 
 def original_state(transformer) -> dict:
     """A diffusers ZImageTransformer2DModel's weights in the original (ComfyUI checkpoint) layout."""
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import transformer_to_original  # the tests' inverse of diffusers' converter
 
-    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
-               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
-               ".attention.norm_q.": ".attention.q_norm."}
-    state = transformer.state_dict()
-    out = {}
-    for key, value in state.items():
-        if ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        if ".attention.to_q." in key:
-            base = key.replace(".attention.to_q.weight", "")
-            value = torch.cat([state[f"{base}.attention.to_{x}.weight"] for x in "qkv"], dim=0)
-            key = f"{base}.attention.qkv.weight"
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        out[key] = value.detach().to("cpu").contiguous()
-    return out
+    return {k: v.detach().to("cpu").contiguous()
+            for k, v in transformer_to_original(transformer.state_dict(), prefix="").items()}
 
 
 def write_checkpoint(path: Path, tiny: bool, device) -> Path:
