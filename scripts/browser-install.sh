@@ -9,7 +9,12 @@ if ! command -v chromium >/dev/null 2>&1; then
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
 fi
-command -v node >/dev/null 2>&1 || { echo "browser-install: node (>= 18) and npm are needed" >&2; exit 1; }
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then  # Debian 12's nodejs is 18
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends nodejs npm
+fi
 # playwright-core never downloads a browser; the test points it at /usr/bin/chromium.
 (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
 echo "browser tools ready: $(chromium --version), playwright-core $(node -p "require('./tests/browser/node_modules/playwright-core/package.json').version")"

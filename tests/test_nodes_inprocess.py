@@ -199,7 +199,9 @@ def test_progress_bar_and_cancel(results):
 
 
 def test_nodes_ask_comfyui_to_make_room_on_the_gpu(results):
-    assert results["make_room"] == [[123, "cuda:0"]]
+    """The loader node itself asks ComfyUI to unload its models for the bytes it will load, on the GPU only."""
+    assert results["make_room_stop"] is True
+    assert results["make_room"] == [[results["make_room_expected"], "cuda:0"]]
 
 
 # ---------------------------------------------------------------------------------- precision guard
