@@ -1,4 +1,5 @@
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# compiled code of the tests goes to a temporary folder, not the user cache (tests/test_compile_cache.py passes its own)
+os.environ.setdefault("ZIMAGE_COMPILE_CACHE", tempfile.mkdtemp(prefix="zimage-compile-"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

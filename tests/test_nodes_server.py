@@ -18,7 +18,8 @@ from comfy_harness import (PACK_NAME, REPO, WORKFLOWS, ComfyServer, load_workflo
                            ui_to_api)
 
 NODE_IDS = ["ZTurboFileLoader", "ZTurboDiffusersLoader", "ZTurboLoadOptions", "ZTurboTextEncode", "ZTurboSampler",
-            "ZTurboVAEDecode", "ZTurboVAEDecodeTiled", "ZTurboVAEEncode", "ZTurboPrecisionGuard"]
+            "ZTurboVAEDecode", "ZTurboVAEDecodeTiled", "ZTurboVAEEncode", "ZTurboPrecisionGuard", "ZTurboLoRA",
+            "ZTurboAccelerate", "ZTurboNativeVAEDecodeTiled"]
 DEPRECATED = ["ZTurboLoader"]  # 0.1's one-node loader: registered (saved workflows), hidden from search
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 T2I = "Z-Image Turbo - Text to Image"
@@ -254,7 +255,8 @@ def test_workflow_saved_with_the_old_loader_still_runs(server, object_info):
             node["type"] = "ZTurboLoader"
             node["widgets_values"] = ["none", *node["widgets_values"], "auto", "auto", "auto", "auto", False, "none"]
             node["inputs"] = []
-        if node["type"] == "ZTurboSampler":
+        if node["type"] == "ZTurboSampler":  # 0.1 had no sampler widget and called "from model" "model"
+            node["widgets_values"] = node["widgets_values"][:-1]
             node["widgets_values"][-1] = "model"
     prompt = shrink(ui_to_api(workflow, lambda class_type: object_info[class_type]["input"]), prefix="old_loader")
     (loader,) = nodes_of(prompt, "ZTurboLoader")

@@ -94,13 +94,24 @@ def enable(path: str | os.PathLike | None = None) -> Path | None:
         except OSError as err:
             raise ZImageError(f"compile cache folder {str(target)!r} is not writable ({err.strerror}): pass a "
                               f"writable folder, set {ENV} to one, or set {ENV}=0 to keep torch's default.") from err
-        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # the FX graph, AOTAutograd and Triton caches live here
+        if not _user_cache_dir():  # the FX graph, AOTAutograd and Triton caches live here
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(target / "inductor")
             _state["redirected"] = True
         _enable_caches()
         _state["folder"] = target
         _state["loaded"] = _load_bundle(target)
         return target
+
+
+def _user_cache_dir() -> bool:
+    """Whether ``TORCHINDUCTOR_CACHE_DIR`` was chosen by the user. torch writes its default there itself the first
+    time anything asks for the cache folder (importing Triton kernels does), so the default doesn't count."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value:
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(value) != os.path.abspath(default_cache_dir())
 
 
 def _enable_caches() -> None:
