@@ -43,7 +43,7 @@ __all__ = [
     "resolve_policy",
     "sample",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public for the ComfyUI nodes (appended): the download hints and the LATENT <-> model-space conversions.
 from .formats import DOWNLOADS  # noqa: E402
