@@ -317,7 +317,11 @@ def ui_to_api(workflow: dict, input_types) -> dict:
             if index < len(values):
                 inputs[name] = values[index]
             index += count
-        assert index == len(values), (
+        # A workflow saved before an optional widget was appended has fewer values: the frontend keeps that widget's
+        # default, and an optional input left out of the prompt gets it on the server too.
+        optional = set(input_types(node["type"]).get("optional", {}))
+        missing = [name for name, _ in widget_slots(input_types(node["type"])) if name not in inputs]
+        assert index == len(values) or (len(values) < index and set(missing) <= optional), (
             f"node {node['id']} ({node['type']}) has {len(values)} widget values, its inputs take {index}"
         )
         for slot in node.get("inputs") or []:
