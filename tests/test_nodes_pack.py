@@ -166,6 +166,10 @@ def test_converter_lets_links_replace_widget_values():
 
 
 def test_converter_rejects_a_widget_count_mismatch():
-    wf = workflow([{"id": 1, "type": "Sampler", "mode": 0, "widgets_values": [5, 8, "a", "x"]}], [])
-    with pytest.raises(AssertionError, match="widget values"):
-        ui_to_api(wf, TYPES.__getitem__)
+    for values in ([5, "fixed", 8], [5, "fixed", 8, "a", "x", "extra"]):  # a required widget missing; one too many
+        wf = workflow([{"id": 1, "type": "Sampler", "mode": 0, "widgets_values": values}], [])
+        with pytest.raises(AssertionError, match="widget values"):
+            ui_to_api(wf, TYPES.__getitem__)
+    # a workflow saved before the optional widget at the end existed: the frontend keeps its default
+    wf = workflow([{"id": 1, "type": "Sampler", "mode": 0, "widgets_values": [5, "fixed", 8, "a"]}], [])
+    assert ui_to_api(wf, TYPES.__getitem__)["1"]["inputs"] == {"seed": 5, "steps": 8, "name": "a"}
