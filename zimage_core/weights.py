@@ -160,19 +160,33 @@ class _Fused:
     w3: Linear
 
 
-def _fuse(linears: list[nn.Module]) -> Linear:
-    """Concatenate the weights (and fp8 scales) of ``linears`` by rows; each module's weight becomes a view."""
-    weight = torch.cat([m.weight.data for m in linears])
-    scales = [getattr(m, "weight_scale", None) for m in linears]
-    scale = torch.cat([s.data for s in scales]) if scales[0] is not None else None
+def _cat(linears: list[Linear]) -> Linear:
+    """The rows of ``linears`` (weights, and fp8 row scales when they have them) in one matrix."""
+    scale = torch.cat([l.scale.detach() for l in linears]) if linears[0].scale is not None else None
+    return Linear(torch.cat([l.weight.detach() for l in linears]), scale, None)
+
+
+def _fuse(modules: list[nn.Module]) -> Linear:
+    """``_cat`` of the modules' weights; each module's weight (and scale) becomes a view of the result."""
+    fused = _cat([linear_of(m) for m in modules])
     rows = 0
-    for m in linears:
+    for m in modules:
         n = m.weight.shape[0]
-        m.weight = nn.Parameter(weight[rows:rows + n], requires_grad=False)
-        if scale is not None:
-            m.weight_scale = nn.Parameter(scale[rows:rows + n], requires_grad=False)
+        m.weight = nn.Parameter(fused.weight[rows:rows + n], requires_grad=False)
+        if fused.scale is not None:
+            m.weight_scale = nn.Parameter(fused.scale[rows:rows + n], requires_grad=False)
         rows += n
-    return Linear(weight, scale, None)
+    return fused
+
+
+def _view(block: nn.Module, qkv: Linear, ffn) -> BlockWeights:
+    """The ``BlockWeights`` of a diffusers ``ZImageTransformerBlock`` around its q/k/v matrix and FFN input
+    weights (``ffn``: w1|w3 fused, or the pair)."""
+    attn = block.attention
+    modulation = linear_of(block.adaLN_modulation[0]) if block.modulation else None
+    norms = (block.attention_norm1.weight, block.attention_norm2.weight, block.ffn_norm1.weight,
+             block.ffn_norm2.weight, attn.norm_q.weight, attn.norm_k.weight)
+    return BlockWeights(modulation, norms, qkv, linear_of(attn.to_out[0]), ffn, linear_of(block.feed_forward.w2))
 
 
 class TransformerWeights(WeightOwner):
@@ -211,13 +225,7 @@ class TransformerWeights(WeightOwner):
         if module is not None:
             return diffusers_block_weights(module, fuse_ffn)
         block, fused = self.blocks[name], self.fused(name)
-        attn = block.attention
-        modulation = linear_of(block.adaLN_modulation[0]) if block.modulation else None
-        norms = (block.attention_norm1.weight, block.attention_norm2.weight, block.ffn_norm1.weight,
-                 block.ffn_norm2.weight, attn.norm_q.weight, attn.norm_k.weight)
-        ffn = fused.w13 if fuse_ffn else (linear_of(block.feed_forward.w1), linear_of(block.feed_forward.w3))
-        return BlockWeights(modulation, norms, fused.qkv, linear_of(attn.to_out[0]), ffn,
-                            linear_of(block.feed_forward.w2))
+        return _view(block, fused.qkv, fused.w13 if fuse_ffn else (fused.w1, fused.w3))
 
     def forget_fused(self) -> None:
         """Drop the fused matrices (e.g. before ``model.to(...)``, which would leave them behind); the modules keep
@@ -238,23 +246,18 @@ class TransformerWeights(WeightOwner):
         return super().target(diffusers_name(name))
 
     def canonical_shapes(self) -> dict[str, tuple]:
-        """Every weight by its original-layout name (what LoRA files name), with its shape."""
-        from .lora import diffusers_name
-
-        params = dict(self.model.named_parameters())
-        shapes = {}
-        for name, p in params.items():
-            shapes[name] = tuple(p.shape)
-        for block in self.blocks:
-            q = params[f"{block}.attention.to_q.weight"]
-            shapes[f"{block}.attention.qkv.weight"] = (3 * q.shape[0], q.shape[1])
+        """Every weight by its original-layout name (what LoRA files name), with its shape: diffusers' to_q, to_k
+        and to_v are one ``attention.qkv`` matrix there."""
         out = {}
-        for canonical in _canonical_names(shapes, self.blocks):
-            try:
-                out[canonical] = shapes[diffusers_name(canonical)] if not canonical.endswith(".attention.qkv.weight") \
-                    else shapes[canonical]
-            except KeyError:
+        for name, p in self.model.named_parameters():
+            if name.endswith(".attention.to_q.weight"):
+                out[name.replace(".attention.to_q.", ".attention.qkv.")] = (3 * p.shape[0], p.shape[1])
                 continue
+            if any(f".attention.to_{x}." in name for x in "qkv"):  # k, v (and fp8 scales): in the qkv matrix
+                continue
+            for old, new in _TO_ORIGINAL.items():
+                name = name.replace(old, new)
+            out[name] = tuple(p.shape)
         return out
 
     def extra_tensors(self, names=None) -> list[torch.Tensor]:
@@ -271,32 +274,11 @@ def diffusers_block_weights(block: nn.Module, fuse_ffn: bool = False) -> BlockWe
     """The view of a diffusers ``ZImageTransformerBlock`` not owned by a ``TransformerWeights`` (a sticky copy):
     q/k/v concatenated on the fly."""
     attn, ffn = block.attention, block.feed_forward
-    qkv = [linear_of(m) for m in (attn.to_q, attn.to_k, attn.to_v)]
-    scale = torch.cat([l.scale for l in qkv]) if qkv[0].scale is not None else None
-    qkv = Linear(torch.cat([l.weight for l in qkv]), scale, None)
+    qkv = _cat([linear_of(m) for m in (attn.to_q, attn.to_k, attn.to_v)])
     w1, w3 = linear_of(ffn.w1), linear_of(ffn.w3)
-    if fuse_ffn:
-        w13 = Linear(torch.cat([w1.weight, w3.weight]),
-                     torch.cat([w1.scale, w3.scale]) if w1.scale is not None else None, None)
-    modulation = linear_of(block.adaLN_modulation[0]) if block.modulation else None
-    norms = (block.attention_norm1.weight, block.attention_norm2.weight, block.ffn_norm1.weight,
-             block.ffn_norm2.weight, attn.norm_q.weight, attn.norm_k.weight)
-    return BlockWeights(modulation, norms, qkv, linear_of(attn.to_out[0]), w13 if fuse_ffn else (w1, w3),
-                        linear_of(ffn.w2))
+    return _view(block, qkv, _cat([w1, w3]) if fuse_ffn else (w1, w3))
 
 
 _TO_ORIGINAL = {".attention.to_out.0.": ".attention.out.", ".attention.norm_q.": ".attention.q_norm.",
                 ".attention.norm_k.": ".attention.k_norm.", "all_x_embedder.2-1.": "x_embedder.",
                 "all_final_layer.2-1.": "final_layer."}
-
-
-def _canonical_names(shapes: dict[str, tuple], blocks) -> list[str]:
-    """Original-layout names of a diffusers Z-Image transformer's parameters (to_q/k/v folded into qkv)."""
-    names = []
-    for name in shapes:
-        if any(f".attention.to_{x}." in name for x in "qkv"):
-            continue
-        for old, new in _TO_ORIGINAL.items():
-            name = name.replace(old, new)
-        names.append(name)
-    return names
