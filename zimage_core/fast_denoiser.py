@@ -67,7 +67,8 @@ class FastDenoiser(Denoiser):
     context_type = FastContext
 
     def __init__(self, transformer, device=None, *, dtype=None, compile: bool = False, attention: str = "auto",
-                 fp8_matmul: bool = False, cuda_graph: bool = False, fuse_ffn: bool = True, guard=None):
+                 fp8_matmul: bool = False, cuda_graph: bool = False, fuse_ffn: bool = True, guard=None,
+                 offloader=None):
         super().__init__(transformer, device, dtype=dtype, attention=attention, guard=guard)
         self.weights = TransformerWeights.of(transformer)
         self.names = [n for n in self.weights.blocks if not n.startswith("context_refiner.")]
@@ -76,7 +77,7 @@ class FastDenoiser(Denoiser):
         self.fp8_matmul = fp8_matmul
         self.fuse_ffn = fuse_ffn
         self.compiled = compile
-        self.streamer = None  # sequential offload's block streamer, given by the Offloader
+        self.offloader = offloader  # the pipeline's Offloader: under sequential offload it streams the blocks
         self._block = compiled_block_forward() if compile else block_forward
         self.graphs = StepGraphs(self) if cuda_graph and self.device.type == "cuda" else None
 
@@ -120,12 +121,18 @@ class FastDenoiser(Denoiser):
                               False, self.attention)
             return out.to(x.dtype)
         weights = owner.block(name, self.fuse_ffn)
-        if self.streamer is not None:  # sequential offload: the block function bypasses the module's hooks
-            self.streamer.before(name)
+        streamer = self.streamer
+        if streamer is not None:  # sequential offload: the block function bypasses the module's hooks
+            streamer.before(name)
             out = self._block(x, mask, cos, sin, adaln, weights, shape, self.fp8_matmul, self.attention)
-            self.streamer.after(name)
+            streamer.after(name)
             return out
         return self._block(x, mask, cos, sin, adaln, weights, shape, self.fp8_matmul, self.attention)
+
+    @property
+    def streamer(self):
+        """Sequential offload's block streamer, or None (asked of the offloader at each call: it may be set up anew)."""
+        return self.offloader.transformer_streamer if self.offloader is not None else None
 
     def graphs_usable(self) -> bool:
         """Whether whole steps may replay as CUDA graphs now (not while weights move or the guard probes)."""

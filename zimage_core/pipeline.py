@@ -223,15 +223,12 @@ class ZImage:
                 fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
             self.denoiser = FastDenoiser(self.transformer, self.device, dtype=compute, compile=speed.compile,
                                          attention=speed.attention, fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph,
-                                         fuse_ffn=speed.fuse_ffn, guard=self.guard)
+                                         fuse_ffn=speed.fuse_ffn, guard=self.guard, offloader=self.offloader)
             self.offloader.refresh()  # newly fused weights join the offloaded tensors
-            self.denoiser.streamer = self.offloader.transformer_streamer
 
     def set_offload(self, mode: str) -> None:
         """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
         self.offloader.apply(mode)
-        if isinstance(self.denoiser, FastDenoiser):
-            self.denoiser.streamer = self.offloader.transformer_streamer
 
     # ---------------------------------------------------------------- LoRA
     def load_lora(self, source, strength: float = 1.0, name: str | None = None):
@@ -331,8 +328,6 @@ class ZImage:
     def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
         kwargs.setdefault("shift", self.shift)
         self.offloader.before("transformer")
-        if isinstance(self.denoiser, FastDenoiser):
-            self.denoiser.streamer = self.offloader.transformer_streamer
         latents = sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
         if getattr(self.denoiser, "compiled", False):
             compile_cache.save_once()  # the first compiled generation's code, for the next process
