@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Results, build_models, rel_l2, sync  # noqa: E402
+from common import ROOT, Results, build_models, profile_eager_step, rel_l2, sync  # noqa: E402
 
 from zimage_core import blocks, kernels  # noqa: E402
 
@@ -213,21 +213,10 @@ def step_table(res: Results, device, smoke: bool, size: int, rounds: int) -> lis
             rows.append((prefix, off, on, off / on, res.data["metrics"][f"step8_{prefix}_kernels_latents_rel_l2"]))
     res.note("step8_spread", {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()})
     if cuda:  # where an eager step's time goes now, kernels on
-        from torch.profiler import ProfilerActivity, profile
-
         d = FastDenoiser(transformer, device, dtype=dt, cuda_graph=False)
-        ctx = d.prepare(feats)
-        lat = torch.randn(1, 16, size // 8, size // 8, device=device)
-        tt = torch.full((1,), 0.5, device=device)
         with kernels.enabled(True):
-            d(ctx, lat, tt)
-            sync()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                d(ctx, lat, tt)
-                sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        Path(res.path).with_suffix(".eager_step_profile.txt").write_text(table)
-        res["eager_step_kernels_on_cuda_ms"] = sum(e.device_time_total for e in prof.key_averages()) / 1e3
+            res["eager_step_kernels_on_cuda_ms"] = profile_eager_step(
+                d, feats, size, Path(res.path).with_suffix(".eager_step_profile.txt"))
     return rows
 
 

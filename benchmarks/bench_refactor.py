@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Results, build_models, rel_l2, sync  # noqa: E402
+from common import ROOT, Results, build_models, profile_eager_step, rel_l2, sync  # noqa: E402
 
 
 def old_package(rev: str | None, folder: str | None):
@@ -92,20 +92,9 @@ def main() -> int:
         res[f"refactor_{tag}_latents_rel_l2"] = rel_l2(outs[f"after_{tag}"], outs[f"before_{tag}"])
     res.note("spread", {k: [round(min(v), 4), round(max(v), 4)] for k, v in times.items()})
     if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
         d = NewDenoiser(transformer, device, dtype=torch.bfloat16, cuda_graph=False, fuse_ffn=False)
-        ctx = d.prepare(feats)
-        lat = torch.randn(1, 16, args.size // 8, args.size // 8, device=device)
-        tt = torch.full((1,), 0.5, device=device)
-        d(ctx, lat, tt)
-        sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            d(ctx, lat, tt)
-            sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        Path(args.out).with_suffix(".eager_step_profile.txt").write_text(table)
-        res["eager_step_cuda_ms"] = sum(e.device_time_total for e in prof.key_averages()) / 1e3
+        res["eager_step_cuda_ms"] = profile_eager_step(d, feats, args.size,
+                                                       Path(args.out).with_suffix(".eager_step_profile.txt"))
     print({k: v for k, v in res.data["metrics"].items() if "over" in k or "rel_l2" in k})
     return 0
 

@@ -128,6 +128,24 @@ def timed(fn, warmup: int = 1, repeat: int = 3) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+def profile_eager_step(denoiser, feats, size: int, table_path) -> float:
+    """Profile one transformer call of ``denoiser`` at ``size``² (after a warm-up call), write the top CUDA kernels
+    to ``table_path``; returns the step's total CUDA time in ms."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = denoiser.device
+    ctx = denoiser.prepare(feats)
+    lat = torch.randn(1, 16, size // 8, size // 8, device=device)
+    tt = torch.full((1,), 0.5, device=device)
+    denoiser(ctx, lat, tt)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        denoiser(ctx, lat, tt)
+        sync()
+    Path(table_path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    return sum(e.device_time_total for e in prof.key_averages()) / 1e3
+
+
 def peak_gib(fn) -> float:
     """Peak allocated GPU memory (GiB, absolute) while ``fn`` runs."""
     if not torch.cuda.is_available():
