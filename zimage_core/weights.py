@@ -108,8 +108,7 @@ class WeightOwner:
             for name in touched:
                 weight, scale = self.target(name)
                 if name not in self._originals:
-                    self._originals[name] = (weight.detach().to("cpu", copy=True),
-                                             None if scale is None else scale.detach().to("cpu", copy=True))
+                    self._originals[name] = (_host_copy(weight), None if scale is None else _host_copy(scale))
                 original, original_scale = self._originals[name]
                 active = [(p, s) for p, s in patches.get(name, []) if s]
                 if not active:  # strength 0 or removed: the original, bit for bit
@@ -118,7 +117,7 @@ class WeightOwner:
                         scale.copy_(original_scale)
                     del self._originals[name]
                     continue
-                merged = original.to(weight.device, torch.float32, copy=True)  # never the kept original itself
+                merged = original.to(weight.device, non_blocking=True, copy=True).float()  # never the original itself
                 if original_scale is not None:
                     merged = merged * original_scale.to(weight.device).float()
                 for patch, strength in active:
@@ -133,6 +132,17 @@ class WeightOwner:
         if touched:
             self.drop_copies()  # sticky high-precision copies were made from the old weights
         return len(touched)
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``t``, in page-locked memory when ``t`` is on a GPU: a strength change copies every touched
+    weight back from it, at PCIe speed only from pinned pages. Pageable memory where pinning fails (low RAM)."""
+    if t.is_cuda:
+        try:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach())
+        except RuntimeError:
+            pass
+    return t.detach().to("cpu", copy=True)
 
 
 def plain_copy(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
