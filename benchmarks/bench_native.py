@@ -203,6 +203,26 @@ def core_metrics(args, ckpt, positive, native_latents, lora_sd, metrics, rel_l2)
         print(f"{name}: {metrics[f'{name}_s']:.3f} s", flush=True)
 
 
+def profile_samples(path, variants, timed, metrics) -> None:
+    """One sample of each variant under the profiler: GPU kernel time against wall time (what is not kernel time
+    is the GPU waiting for the host: launch overhead, syncs), and the kernel table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, model in variants.items():
+        wall, _ = timed(model)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed(model)
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events) / 1e6
+        metrics[f"{name}_wall_s"] = wall
+        metrics[f"{name}_kernels_s"] = kernels
+        metrics[f"{name}_gpu_busy_fraction"] = kernels / wall
+        with open(path, "a") as f:
+            f.write(f"\n=== {name}: one sample, wall {wall:.3f} s (unprofiled), kernels {kernels:.3f} s\n")
+            f.write(events.table(sort_by="self_cuda_time_total", row_limit=25))
+            f.write(events.table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfy", required=True, help="a ComfyUI tree (0.3.75 or 0.33.0)")
@@ -219,6 +239,7 @@ def main() -> int:
     p.add_argument("--core", action="store_true",
                    help="also our own loader's path (zimage_core: defaults, compiled, compiled + a merged LoRA) on the "
                         "same checkpoint and conditioning, in the same process")
+    p.add_argument("--profile", help="append kernel tables of one timed sample of native and ours_eager to this file")
     args = p.parse_args()
     if args.smoke:
         args.size, args.steps, args.rounds, args.tokens = 64, 2, 2, 19
@@ -305,6 +326,8 @@ def main() -> int:
             print(f"{name}: {metrics[f'{name}_s']:.3f} s (median of {len(values)}), rel-L2 vs native "
                   f"{metrics[f'{name}_rel_l2_vs_native']:.2e}", flush=True)
     metrics["lora_effect_rel_l2"] = rel_l2(latents["native_lora"], latents["native"])
+    if args.profile and device.type == "cuda":
+        profile_samples(args.profile, {n: groups[""][n] for n in ("native", "ours_eager")}, timed, metrics)
     if args.core:
         core_metrics(args, ckpt, positive, latents["native"], random_lora(base, args.rank), metrics, rel_l2)
     metrics["accelerate_speedup_vs_native"] = metrics["native_s"] / metrics["ours_compiled_s"]

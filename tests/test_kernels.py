@@ -129,6 +129,21 @@ def _checks() -> dict:
             xq = qkv[:, :, 2]
             res[f"rope_{tag}_{heads}x{d}"] = _err(blocks.rope(xq, cos, sin), reference(blocks.rope, xq, cos, sin))
 
+    # fp8 row quantization (the fp8 matmul's activations): bit for bit fp8.quantize_activation_rowwise, rows of
+    # wide dynamic range (subnormal e4m3 results), an all-zero row, rows wider than one block, strided rows
+    from zimage_core.fp8 import quantize_activation_rowwise
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dt).split(".")[-1]
+        for rows, n in ((5, 37), (3, 2500), (4, 4100)):
+            x = (rnd(rows, n) * torch.logspace(-3, 3, rows)[:, None]).to(dt)
+            x[0] = 0
+            for layout, xx in (("", x), ("_strided_rows", _strided(x, 0))):
+                q, s = kernels.quantize_rows(xx)
+                rq, rs = quantize_activation_rowwise(xx)
+                res[f"quant_{tag}_{n}{layout}"] = {
+                    "scale_equal": torch.equal(s, rs), "q_equal": torch.equal(q.view(torch.uint8), rq.view(torch.uint8)),
+                    "dtype": str(q.dtype), "subnormals": int(((q.float().abs() < 2 ** -6) & (q.float() != 0)).sum())}
     res["rope_calls"] = calls.get("rope", 0)  # the standalone RoPE went through blocks.rope's dispatch
     # whole blocks (modulated, unmodulated), kernels on vs off, fp32 and bf16 compute, fused and split FFN
     transformer = build_tiny_models(seed=0)[0]
@@ -231,6 +246,15 @@ def test_block_forward_with_kernels_matches_without(measured, dtype, name):
         assert m["max_abs"] <= 1e-5, m
     else:  # rare one-ulp differences, carried through the matmuls: far below bf16's own noise (eps 7.8e-3)
         assert m["rel_l2"] <= 1e-3, m
+
+
+def test_fp8_row_quantization_is_bit_exact(measured):
+    keys = [k for k in measured if k.startswith("quant_")]
+    assert len(keys) == 18, keys
+    for k in keys:
+        m = measured[k]
+        assert m["scale_equal"] and m["q_equal"] and m["dtype"] == "torch.float8_e4m3fn", (k, m)
+    assert sum(measured[k]["subnormals"] for k in keys) > 0  # the subnormal rounding was exercised
 
 
 def test_kernels_step_aside_when_compiling_or_off(measured):

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels as _kernels
+
 E4M3_MAX = 448.0
 
 
@@ -52,7 +54,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
         scale = torch.ones((), dtype=torch.float32, device=weight.device)
     if matmul and weight.dtype == torch.float8_e4m3fn:
         shape = x.shape
-        x8, x_scale = quantize_activation_rowwise(x.reshape(-1, shape[-1]))
+        x2 = x.reshape(-1, shape[-1])
+        x8, x_scale = _kernels.quantize_rows(x2) if _kernels.active(x2) else quantize_activation_rowwise(x2)
         w_scale = scale.float().expand(weight.shape[0], 1) if scale.numel() == 1 else scale.float()
         out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
                                bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
