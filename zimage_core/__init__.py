@@ -63,3 +63,5 @@ from .native import NativeAccelerator, fp8_matmul_usable, zimage_reason  # noqa:
 from .vae_convert import ExactTiledDecoder  # noqa: E402
 
 __all__ += ["NativeAccelerator", "fp8_matmul_usable", "zimage_reason", "ExactTiledDecoder"]
+
+from . import fp8_attention  # noqa: E402,F401  (registers the "fp8" attention backend)

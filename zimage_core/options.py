@@ -10,7 +10,7 @@ MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 8192, 16  # 8192 px = 512 patches of 16 
 MIN_STEPS, MAX_STEPS = 1, 100
 MAX_BATCH = 64
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fp8")  # fp8: fp8_attention.py
 OFFLOAD_MODES = ("none", "model", "sequential")
 GUARD_POLICIES = ("off", "detect", "auto", "clamp")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
