@@ -110,6 +110,46 @@ def main() -> int:
         for k, v in step.items():
             results[f"step_gemm_{k}_ms"] = v
 
+    @section("quant_kernel")
+    def quant_kernel(results):
+        from zimage_core import kernels
+
+        for name, n in (("3840", 3840), ("10240", 10240)):
+            x = torch.randn(TOKENS, n, device=device, dtype=torch.bfloat16) * 3
+            q, s = kernels.quantize_rows(x)
+            rq, rs = quantize_activation_rowwise(x)
+            results[f"quant_kernel_{name}_bit_exact"] = float(torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+                                                              and torch.equal(s, rs))
+            results[f"quant_kernel_{name}_scales_equal"] = float(torch.equal(s, rs))
+            results[f"quant_kernel_{name}_unequal_fraction"] = (q.view(torch.uint8) != rq.view(torch.uint8)
+                                                                ).float().mean().item()
+            results[f"quant_kernel_{name}_us"] = gpu_ms(lambda: kernels.quantize_rows(x)) * 1e3
+            results[f"quant_torch_{name}_us"] = gpu_ms(lambda: quantize_activation_rowwise(x)) * 1e3
+
+    @section("host_copy")
+    def host_copy(results):
+        """What keeping LoRA originals on the host costs: 3 GiB of bf16 block matrices copied out and back,
+        pageable against page-locked (pinned) memory (allocation included)."""
+        tensors = [torch.randn(10240, 3840, device=device, dtype=torch.bfloat16) for _ in range(40)]
+        gib = sum(t.numel() * t.element_size() for t in tensors) / (1 << 30)
+
+        def seconds(fn):
+            sync()
+            start = time.perf_counter()
+            out = fn()
+            sync()
+            return time.perf_counter() - start, out
+
+        s, pageable = seconds(lambda: [t.to("cpu", copy=True) for t in tensors])
+        results["host_pageable_out_s_per_gib"] = s / gib
+        s, _ = seconds(lambda: [t.copy_(c) for t, c in zip(tensors, pageable)])
+        results["host_pageable_back_s_per_gib"] = s / gib
+        del pageable
+        s, pinned = seconds(lambda: [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors])
+        results["host_pinned_out_s_per_gib"] = s / gib
+        s, _ = seconds(lambda: [t.copy_(c) for t, c in zip(tensors, pinned)])
+        results["host_pinned_back_s_per_gib"] = s / gib
+
     @section("attention")
     def attention_costs(results):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,7 +222,8 @@ def main() -> int:
             f.write("\n=== bf16_eager: 8 steps sustained\n")
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
-    for name, fn in (("ceilings", ceilings), ("gemms", gemms), ("attention", attention_costs),
+    for name, fn in (("ceilings", ceilings), ("gemms", gemms), ("quant_kernel", quant_kernel),
+                     ("host_copy", host_copy), ("attention", attention_costs),
                      ("profiles", profiles)):
         if name in sections:
             fn(res)

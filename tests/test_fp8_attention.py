@@ -304,7 +304,8 @@ def test_fallbacks_equal_sdpa(measured):
 
 def test_backend_registered_and_routed(measured):
     assert measured["check_backend"] == "fp8"
-    assert measured["in_options"] is True and measured["in_backends"] is True
+    # accepted by the API (registered), not offered by the nodes (options.ATTENTION_BACKENDS): slower than cuDNN
+    assert measured["in_options"] is False and measured["in_backends"] is True
     assert measured["routed_calls"] == {"kernel": 1, "fallback": 0}
     assert measured["routed_equal"] is True
     assert 0.02 <= measured["routed_vs_sdpa"] <= 0.07

@@ -135,7 +135,7 @@ def _checks() -> dict:
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         tag = str(dt).split(".")[-1]
-        for rows, n in ((5, 37), (3, 2500), (4, 4100)):
+        for rows, n in ((5, 37), (3, 2500), (4, 4100), (2, 17000)):  # the last: two sweeps of one row
             x = (rnd(rows, n) * torch.logspace(-3, 3, rows)[:, None]).to(dt)
             x[0] = 0
             for layout, xx in (("", x), ("_strided_rows", _strided(x, 0))):
@@ -250,7 +250,7 @@ def test_block_forward_with_kernels_matches_without(measured, dtype, name):
 
 def test_fp8_row_quantization_is_bit_exact(measured):
     keys = [k for k in measured if k.startswith("quant_")]
-    assert len(keys) == 18, keys
+    assert len(keys) == 24, keys
     for k in keys:
         m = measured[k]
         assert m["scale_equal"] and m["q_equal"] and m["dtype"] == "torch.float8_e4m3fn", (k, m)

@@ -141,21 +141,7 @@ if _TRITON and _BITS_ROUNDING:
         else:
             return x
 
-    @triton.jit
-    def _e4m3(y):
-        """``y`` (fp32, |y| ≤ 448) rounded to e4m3's grid (to nearest even) on the bits: the interpreter's own fp8
-        cast halves values whose rounding carries into the exponent (127.0 became 64). Normals keep 3 mantissa
-        bits; below 2**-6 the subnormal step is 2**-9 (rounded by adding and subtracting 1.5 * 2**14)."""
-        bits = y.to(tl.uint32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-        return tl.where(tl.abs(y) < 0.015625, (y + 24576.0) - 24576.0, normal)
-
 elif _TRITON:
-
-    @triton.jit
-    def _e4m3(y):
-        """The hardware cast rounds to nearest even itself (cvt.rn.satfinite)."""
-        return y
 
     @triton.jit
     def _round(x, DT: tl.constexpr):
@@ -175,6 +161,17 @@ elif _TRITON:
             return x
 
 if _TRITON:
+
+    @triton.jit
+    def _e4m3(y):
+        """``y`` (fp32, |y| ≤ 448) rounded to e4m3's grid (to nearest even) on the bits, so that the cast after it
+        is exact whatever the backend's own rounding: Triton's interpreter halves values whose rounding carries
+        into the exponent (127.0 became 64), and on the H200 the plain cast differed from torch's in some
+        elements. Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (rounded by adding and
+        subtracting 1.5 * 2**14)."""
+        bits = y.to(tl.uint32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+        return tl.where(tl.abs(y) < 0.015625, (y + 24576.0) - 24576.0, normal)
 
     @triton.jit
     def _rms_rows(x, n, eps, w, DT: tl.constexpr):
@@ -290,23 +287,32 @@ if _TRITON:
 
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, BLOCK: tl.constexpr):
-        """One row: amax of |x| (fp32), scale = max(amax, 1e-12) / MAX, q = clamp(x / scale) in e4m3; two sweeps
-        over the row (the second reads it back from cache), so rows of any width run in BLOCK-wide registers."""
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, BLOCK: tl.constexpr,
+                           SINGLE: tl.constexpr):
+        """One row: amax of |x| (fp32), scale = max(amax, 1e-12) / MAX, q = clamp(x / scale) in e4m3. A row that
+        fits one block is read once (SINGLE); wider rows are swept twice (the second read comes from cache)."""
         row = tl.program_id(0).to(tl.int64)
         src = x_ptr + row * xs
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
+        if SINGLE:
+            offs = tl.arange(0, BLOCK)
             x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), MAX)  # IEEE division, as torch's
-        tl.store(s_ptr + row, scale)
-        for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), MAX)  # IEEE division, as torch's
+            tl.store(s_ptr + row, scale)
             y = _e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -MAX), MAX))
             tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), MAX)
+            tl.store(s_ptr + row, scale)
+            for start in range(0, n, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+                y = _e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -MAX), MAX))
+                tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -321,9 +327,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, n = x.shape
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
-    block = min(2048, triton.next_power_of_2(n))
+    block = min(16384, triton.next_power_of_2(n))  # one read per row up to 16384 wide, 32 values per thread
     _quant_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), MAX=448.0, BLOCK=block,
-                                num_warps=_warps(block))
+                                SINGLE=block >= n, num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 

@@ -10,7 +10,9 @@ MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 8192, 16  # 8192 px = 512 patches of 16 
 MIN_STEPS, MAX_STEPS = 1, 100
 MAX_BATCH = 64
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math", "fp8")  # fp8: fp8_attention.py
+# What the nodes offer. The experimental "fp8" kernel (fp8_attention.py) is accepted by the Python API only: on
+# the H200 it was slower than cuDNN's bf16 attention (491 vs 463 us a call) at 0.052 relative L2 error.
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
 OFFLOAD_MODES = ("none", "model", "sequential")
 GUARD_POLICIES = ("off", "detect", "auto", "clamp")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
