@@ -44,30 +44,131 @@ def child(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(Path(args.checkpoint), ComponentDtype(dtype, dtype), device)
+    speed = SpeedOptions(compile=args.child == "compile", cuda_graph=os.environ.get("BENCH_GRAPHS", "1") == "1",
+                         attention=os.environ.get("BENCH_ATTENTION", "auto"))
     z = ZImage(transformer, None, None, PromptTokenizer(find_tokenizer()), resolve_policy(device, "bf16" if
-               device.type == "cuda" else "fp32"), device, speed=SpeedOptions(compile=args.child == "compile"))
+               device.type == "cuda" else "fp32"), device, speed=speed)
     feats = [torch.randn(args.tokens, transformer.config.cap_feat_dim, device=device, dtype=dtype)]
     kw = dict(seed=42, width=args.size, height=args.size, steps=args.steps)
+    times, steps = [], []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step_time(info):  # diagnosis of the first image: where its extra time goes (synchronises every step)
+        sync()
+        steps[-1].append(time.perf_counter())
+
+    for i in range(3):
+        sync()
+        start = time.perf_counter()
+        steps.append([start])
+        z.sample(feats, **kw, callback=step_time if i < 2 and os.environ.get("BENCH_STEPS") == "1" else None)
+        sync()
+        times.append(time.perf_counter() - start)
+    out = {"first_s": times[0], "later_s": min(times[1:]), "times_s": times}
+    if os.environ.get("BENCH_STEPS") == "1":
+        out["step_s"] = [[round(b - a, 4) for a, b in zip(s, s[1:])] for s in steps[:2]]
+    print(json.dumps(out))
+    return 0
+
+
+def native_child(args) -> int:
+    """A fresh process with ComfyUI: load the checkpoint (weights put on the GPU before timing), then the first and
+    later images of its own sampler, euler/simple, as the template."""
+    import bench_native as bn
+
+    bn.boot_comfy(Path(args.comfy), cpu=args.smoke)
+    import torch
+
+    import comfy.model_management
+    import comfy.sample
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    model = ModelSamplingAuraFlow().patch_aura(bn.load_model(Path(args.checkpoint), args.smoke), 3.0)[0]
+    comfy.model_management.load_models_gpu([model])
+    cap_dim = model.model.diffusion_model.cap_embedder[0].weight.shape[0]
+    positive = [[torch.randn(1, args.tokens, cap_dim), {}]]
+    negative = [[torch.zeros(1, args.tokens, cap_dim), {}]]
+    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
     times = []
     for _ in range(3):
-        if device.type == "cuda":
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        z.sample(feats, **kw)
-        if device.type == "cuda":
+        noise = comfy.sample.prepare_noise(latent, 42)
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, args.steps, 1.0, "euler", "simple", positive, negative, latent,
+                                denoise=1.0, disable_pbar=True, seed=42).float().cpu()
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    print(json.dumps({"first_s": times[0], "later_s": min(times[1:])}))
+    print(json.dumps({"first_s": times[0], "later_s": min(times[1:]), "times_s": times}))
     return 0
 
 
 def run_child(kind: str, args, ckpt: Path, env_extra: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--checkpoint", str(ckpt), "--size", str(args.size),
-           "--steps", str(args.steps), "--tokens", str(args.tokens)] + (["--smoke"] if args.smoke else [])
+           "--steps", str(args.steps), "--tokens", str(args.tokens)] + (["--smoke"] if args.smoke else []) + \
+        (["--comfy", str(args.comfy)] if args.comfy else [])
     proc = subprocess.run(cmd, env=dict(os.environ, **env_extra), capture_output=True, text=True, timeout=400)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def children(args, ckpt, tmp, res, m, run_child) -> None:
+    first = run_child("first_image", args, ckpt, {})
+    res["child_default_first_image_s"] = first["first_s"]
+    res["child_default_later_image_s"] = first["later_s"]
+    res["ours_default_first_image_over_native"] = first["first_s"] / m["native"]
+    cache = Path(tmp.name) / "compile_cache"
+    cold = run_child("compile", args, ckpt, {"ZIMAGE_COMPILE_CACHE": str(cache)})
+    warm = run_child("compile", args, ckpt, {"ZIMAGE_COMPILE_CACHE": str(cache)})
+    res["compile_first_process_s"] = cold["first_s"] - cold["later_s"]
+    res["compile_second_process_s"] = warm["first_s"] - warm["later_s"]
+    res["child_compiled_first_image_s"] = warm["first_s"]
+
+
+def children_only(args) -> int:
+    """New processes only: where a fresh process's first image spends its time. The first child fills Triton's
+    kernel cache (a machine's first run ever); the others find it warm, as every later ComfyUI start does."""
+    import torch
+    from safetensors.torch import save_file
+
+    import bench_native as bn
+    from common import Results
+
+    res = Results(Path(args.out), {"setting": f"{args.size}x{args.size}, {args.steps} steps, new processes, "
+                                              "weights on the GPU before the first image"})
+    with tempfile.TemporaryDirectory(prefix="bench_children_") as tmp:
+        ckpt = Path(tmp) / "z_image_turbo_random_bf16.safetensors"
+        bn.write_checkpoint(ckpt, args.smoke, "cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+        variants = {"cold_triton_cache": {}, "default": {"BENCH_STEPS": "1"}, "no_graphs": {"BENCH_GRAPHS": "0"},
+                    "no_kernels": {"ZIMAGE_KERNELS": "0"}, "flash_attention": {"BENCH_ATTENTION": "flash"}}
+        for name, env in variants.items():
+            try:
+                out = run_child("first_image", args, ckpt, env)
+            except Exception as err:
+                res.note(f"child_{name}_error", str(err)[-1500:])
+                continue
+            res[f"child_{name}_first_image_s"] = out["first_s"]
+            res[f"child_{name}_later_image_s"] = out["later_s"]
+            res.note(f"child_{name}_times_s", out["times_s"])
+            if "step_s" in out:
+                res.note(f"child_{name}_step_s", out["step_s"])
+        if args.comfy:
+            out = run_child("native", args, ckpt, {})
+            res["child_native_first_image_s"] = out["first_s"]
+            res["child_native_later_image_s"] = out["later_s"]
+            res.note("child_native_times_s", out["times_s"])
+            m = res.data["metrics"]
+            if "child_default_first_image_s" in m:
+                res["ours_default_first_image_over_native_first_image"] = (m["child_default_first_image_s"]
+                                                                           / out["first_s"])
+                res["ours_default_first_image_over_native"] = m["child_default_first_image_s"] / out["later_s"]
+    return 0
 
 
 def main() -> int:
@@ -79,14 +180,20 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--skip", default="", help="comma-separated: native_compiled,native_fp8,children,e2e")
-    p.add_argument("--child", choices=("first_image", "compile"), help=argparse.SUPPRESS)
+    p.add_argument("--skip", default="", help="comma-separated: native_compiled,native_fp8,children,e2e,fp8attn")
+    p.add_argument("--child", choices=("first_image", "compile", "native"), help=argparse.SUPPRESS)
+    p.add_argument("--children-only", action="store_true",
+                   help="only the new-process timings (ours with variants, and native), on a transformer alone")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.smoke:
         args.size, args.steps, args.rounds, args.tokens = 64, 2, 1, 19
+    if args.child == "native":
+        return native_child(args)
     if args.child:
         return child(args)
+    if args.children_only:
+        return children_only(args)
     skip = set(filter(None, args.skip.split(",")))
     comfy = Path(args.comfy)
     os.environ.setdefault("ZIMAGE_TOKENIZER", str(comfy / "comfy" / "text_encoders" / "qwen25_tokenizer"))
@@ -162,7 +269,7 @@ def main() -> int:
     ours = {"ours_default": ZImage(transformer, our_te, vae, tokenizer, policy, device),
             "ours_compiled": ZImage(transformer, our_te, vae, tokenizer, policy, device,
                                     speed=SpeedOptions(compile=True))}
-    fp8_attention = "fp8" in attention_mod.backends()
+    fp8_attention = "fp8" in attention_mod.backends() and "fp8attn" not in skip
     if fp8_attention:
         ours["ours_fp8attn"] = ZImage(transformer, our_te, vae, tokenizer, policy, device,
                                       speed=SpeedOptions(attention="fp8"))
@@ -220,11 +327,13 @@ def main() -> int:
     if fp8_attention:
         import bench_fp8_attention as fa
 
-        captured = []
+        captured, seen = [], []
 
-        def capture(q, k, v, mask):
-            if len(captured) < 3:
-                captured.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
+        def capture(q, k, v, mask):  # main layers 0, 15 and 29 (image + text tokens), not the refiners
+            if q.shape[2] > (args.size // 16) ** 2:
+                seen.append(1)
+                if len(seen) in (1, 16, 30):
+                    captured.append((q.detach().clone(), k.detach().clone(), v.detach().clone()))
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
         attention_mod.register("capture", capture)
@@ -237,15 +346,10 @@ def main() -> int:
 
     # ---------------------------------------------------------------- a new process
     if "children" not in skip:
-        first = run_child("first_image", args, ckpt, {})
-        res["child_default_first_image_s"] = first["first_s"]
-        res["child_default_later_image_s"] = first["later_s"]
-        cache = Path(tmp.name) / "compile_cache"
-        cold = run_child("compile", args, ckpt, {"ZIMAGE_COMPILE_CACHE": str(cache)})
-        warm = run_child("compile", args, ckpt, {"ZIMAGE_COMPILE_CACHE": str(cache)})
-        res["compile_first_process_s"] = cold["first_s"] - cold["later_s"]
-        res["compile_second_process_s"] = warm["first_s"] - warm["later_s"]
-        res["ours_default_first_image_over_native"] = first["first_s"] / m["native"]
+        try:
+            children(args, ckpt, tmp, res, m, run_child)
+        except Exception as err:  # keep the in-process numbers
+            res.note("children_error", f"{type(err).__name__}: {err}"[:3000])
 
     # ---------------------------------------------------------------- issue 13's names
     res["native_steps8_bf16_s"] = m["native"]

@@ -210,3 +210,39 @@ def test_step_graph_key_follows_a_sticky_block_escalated_to_fp32(tiny_dir):
     owner.set_sticky("layers.1", torch.float32)
     in_fp32 = graphs._key(ctx, latents)
     assert len({plain, in_bf16, in_fp32}) == 3
+
+
+def test_step_graphs_capture_from_the_second_generation_of_a_key(tiny_dir, monkeypatch):
+    """A key's first generation runs eagerly throughout (the first image pays no extra warm-up step and no
+    recording); the next generation with the same key captures at its first step."""
+    from zimage_core import cuda_graphs
+
+    zimage = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    denoiser = zimage.denoiser
+    graphs = denoiser.graphs = cuda_graphs.StepGraphs(denoiser)  # as on CUDA (the CPU builds none)
+    captures = []
+
+    def fake_capture(fn, *inputs, pool=None):
+        captures.append(len(inputs))
+        return _Replay(fn, inputs), fn(*inputs)
+
+    class _Replay:
+        def __init__(self, fn, inputs):
+            self.fn, self.inputs = fn, inputs
+
+        def replay(self):
+            self.fn(*self.inputs)
+
+    monkeypatch.setattr(cuda_graphs, "_capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    feats = zimage.encode_prompt("x")
+    latents, t = torch.randn(1, 16, 8, 8), torch.full((1,), 0.5)
+    first = denoiser.prepare(feats)
+    eager = [denoiser(first, latents, t) for _ in range(3)]
+    assert captures == []  # the whole first generation ran eagerly
+    second = denoiser.prepare(feats)
+    replayed = denoiser(second, latents, t)
+    assert captures == [2] and not graphs.failed
+    denoiser(second, latents, t)
+    assert captures == [2]  # captured once, replayed after
+    assert torch.equal(replayed, eager[0])

@@ -106,14 +106,20 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     heads, eps, qk_eps = shape
     n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
     fused = _kernels.active(x)  # eager CUDA: fused Triton kernels, same roundings (kernels.py); never when compiling
+
+    def q8(*linears):  # the kernel making this matmul's input writes it in e4m3 with row scales (fp8 matmul)
+        return fused and fp8_matmul and all(lin.weight.dtype == torch.float8_e4m3fn for lin in linears)
+
+    ffn_linears = (ffn_w,) if isinstance(ffn_w, Linear) else tuple(ffn_w)
     if modulation is not None:
         mod = _linear(adaln, modulation, False).unsqueeze(1)
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        h = _kernels.rms_norm(x, n_attn1, eps, scale_msa) if fused else rms(x, n_attn1, eps) * scale_msa
+        h = (_kernels.rms_norm(x, n_attn1, eps, scale_msa, quantize=q8(qkv_w)) if fused
+             else rms(x, n_attn1, eps) * scale_msa)
     else:
-        h = rms(x, n_attn1, eps)
+        h = _kernels.rms_norm(x, n_attn1, eps, quantize=q8(qkv_w)) if fused else rms(x, n_attn1, eps)
     batch, seq, dim = x.shape
     qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
     if fused and _kernels.qk_supported(qkv, cos):
@@ -126,7 +132,7 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
     if fused:  # residual, gate and the FFN's norm in one pass
         x, h = _kernels.residual(x, o, n_attn2, eps, gate_msa if modulation is not None else None, n_ffn1, eps,
-                                 scale_mlp if modulation is not None else None)
+                                 scale_mlp if modulation is not None else None, quantize_next=q8(*ffn_linears))
     else:
         o = rms(o, n_attn2, eps)
         x = x + gate_msa * o if modulation is not None else x + o
@@ -136,7 +142,7 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
     else:
         g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    f = _linear(_kernels.silu_mul(g1, g3) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+    f = _linear(_kernels.silu_mul(g1, g3, quantize=q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
     if fused:
         return _kernels.residual(x, f, n_ffn2, eps, gate_mlp if modulation is not None else None)
     f = rms(f, n_ffn2, eps)

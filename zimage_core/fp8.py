@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from . import kernels as _kernels
 
 E4M3_MAX = 448.0
+E4M3_RECIPROCAL = 1.0 / E4M3_MAX  # rounded to fp32 where it multiplies an fp32 tensor
 
 
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,8 +28,12 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 rows, fp32 scale [rows, 1]) of a 2-D activation, for ``torch._scaled_mm``."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    # times the fp32 reciprocal, not "/ 448": a division by a Python number is true division on the CPU but a
+    # multiply by the reciprocal on CUDA, and the scales must be the same bits everywhere (kernels.quantize_rows)
+    # and the rows multiplied by the IEEE reciprocal of their scale: one division per row, not per element (the
+    # kernel's per-element division made it compute-bound)
+    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * E4M3_RECIPROCAL
+    return (x.float() * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def scaled_mm_available(device: torch.device | str) -> bool:
@@ -52,14 +57,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     """
     if scale is None:
         scale = torch.ones((), dtype=torch.float32, device=weight.device)
+    quantized = isinstance(x, _kernels.QuantizedRows)  # made by the kernel that computed it (blocks.block_forward)
+    if quantized and not (matmul and weight.dtype == torch.float8_e4m3fn):
+        raise ValueError("a quantized activation needs an e4m3 weight and the fp8 matmul")
     if matmul and weight.dtype == torch.float8_e4m3fn:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        x8, x_scale = _kernels.quantize_rows(x2) if _kernels.active(x2) else quantize_activation_rowwise(x2)
+        if quantized:
+            x8, x_scale, shape, dtype = x
+        else:
+            shape, dtype = x.shape, x.dtype
+            x2 = x.reshape(-1, shape[-1])
+            x8, x_scale = _kernels.quantize_rows(x2) if _kernels.active(x2) else quantize_activation_rowwise(x2)
         w_scale = scale.float().expand(weight.shape[0], 1) if scale.numel() == 1 else scale.float()
         out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
                                bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
-        return out.reshape(*shape[:-1], weight.shape[0]).to(x.dtype)
+        return out.reshape(*shape[:-1], weight.shape[0]).to(dtype)
     w = (weight.float() * scale.float()).to(x.dtype)
     return F.linear(x, w, bias.to(x.dtype) if bias is not None else None)
 

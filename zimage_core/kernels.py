@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -167,11 +168,21 @@ if _TRITON:
         """``y`` (fp32, |y| ≤ 448) rounded to e4m3's grid (to nearest even) on the bits, so that the cast after it
         is exact whatever the backend's own rounding: Triton's interpreter halves values whose rounding carries
         into the exponent (127.0 became 64), and on the H200 the plain cast differed from torch's in some
-        elements. Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (rounded by adding and
-        subtracting 1.5 * 2**14)."""
+        elements. Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (the magnitude rounded by
+        adding and subtracting 1.5 * 2**14, the sign bit put back: tiny negatives and -0.0 give -0.0, as torch's)."""
         bits = y.to(tl.uint32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-        return tl.where(tl.abs(y) < 0.015625, (y + 24576.0) - 24576.0, normal)
+        small = (tl.abs(y) + 24576.0) - 24576.0
+        return tl.where(tl.abs(y) < 0.015625, tl.where((bits >> 31) != 0, -small, small), normal)  # sign kept
+
+    @triton.jit
+    def _store_e4m3_row(y, q_ptr, s_ptr, row, offs, mask, MAX: tl.constexpr, RECIPROCAL: tl.constexpr):
+        """Store row ``y`` at ``q_ptr`` (the row's start) (fp32 values of the compute dtype; masked lanes 0) as e4m3 with its row scale, as
+        ``quantize_rows`` does: scale = max(amax, 1e-12) * fp32(1/448), y * (1/scale) clamped, rounded."""
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) * RECIPROCAL
+        tl.store(s_ptr + row, scale)
+        q = _e4m3(tl.minimum(tl.maximum(y * tl.math.div_rn(1.0, scale), -MAX), MAX))
+        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rms_rows(x, n, eps, w, DT: tl.constexpr):
@@ -181,9 +192,9 @@ if _TRITON:
         return _round(y * _round(w, DT), DT)
 
     @triton.jit
-    def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, n, eps, n1, n2,
+    def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, qs_ptr, n, eps, n1, n2,
                     xs0, xs1, xs2, ss0, ss1, ss2,
-                    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
         i2 = (row % n2).to(tl.int64)
         i1 = ((row // n2) % n1).to(tl.int64)
@@ -191,7 +202,7 @@ if _TRITON:
         row = row.to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
-        DT: tl.constexpr = y_ptr.dtype.element_ty
+        DT: tl.constexpr = x_ptr.dtype.element_ty
         # every load first, then the maths: no DRAM round trip waits behind the reduction (measured on the H200)
         x = tl.load(x_ptr + i0 * xs0 + i1 * xs1 + i2 * xs2 + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -200,13 +211,16 @@ if _TRITON:
         y = _rms_rows(x, n, eps, w, DT)
         if HAS_SCALE:  # ``scale`` is the already rounded ``1 + scale`` of the reference; the product rounds once
             y = y * s
-        tl.store(y_ptr + row * n + offs, _round(y, DT).to(DT), mask=mask)
+        if QUANT:  # the fp8 matmul's input: e4m3 and the row scale instead of the compute dtype
+            _store_e4m3_row(_round(y, DT), y_ptr + row * n, qs_ptr, row, offs, mask, 448.0, 1.0 / 448.0)
+        else:
+            tl.store(y_ptr + row * n + offs, _round(y, DT).to(DT), mask=mask)
 
     @triton.jit
-    def _residual_kernel(x_ptr, o_ptr, w_ptr, g_ptr, w2_ptr, s2_ptr, out_ptr, h_ptr, n, eps, eps2, n1, n2,
+    def _residual_kernel(x_ptr, o_ptr, w_ptr, g_ptr, w2_ptr, s2_ptr, out_ptr, h_ptr, qs_ptr, n, eps, eps2, n1, n2,
                          xs0, xs1, xs2, os0, os1, os2, gs0, gs1, gs2, ss0, ss1, ss2,
                          HAS_GATE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
         i2 = (row % n2).to(tl.int64)
         i1 = ((row // n2) % n1).to(tl.int64)
@@ -234,10 +248,14 @@ if _TRITON:
             h = _rms_rows(x, n, eps2, w2, DT)
             if HAS_SCALE:
                 h = h * s
-            tl.store(h_ptr + row * n + offs, _round(h, DT).to(DT), mask=mask)
+            if QUANT:  # the FFN's fp8 matmul input
+                _store_e4m3_row(_round(h, DT), h_ptr + row * n, qs_ptr, row, offs, mask, 448.0, 1.0 / 448.0)
+            else:
+                tl.store(h_ptr + row * n + offs, _round(h, DT).to(DT), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, qs_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2,
+                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
         i2 = (row % n2).to(tl.int64)
         i1 = ((row // n2) % n1).to(tl.int64)
@@ -245,11 +263,15 @@ if _TRITON:
         row = row.to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        DT: tl.constexpr = y_ptr.dtype.element_ty
+        DT: tl.constexpr = a_ptr.dtype.element_ty
         a = tl.load(a_ptr + i0 * as0 + i1 * as1 + i2 * as2 + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + i0 * bs0 + i1 * bs1 + i2 * bs2 + offs, mask=mask, other=0.0).to(tl.float32)
         s = _round(a / (1.0 + tl.exp(-a)), DT)  # F.silu's result, rounded as torch stores it
-        tl.store(y_ptr + row * n + offs, _round(s * b, DT).to(DT), mask=mask)
+        if QUANT:  # one program holds the whole row (the grid has one column): w2's fp8 matmul input
+            _store_e4m3_row(tl.where(mask, _round(s * b, DT), 0.0), y_ptr + row * n, qs_ptr, row, offs, mask,
+                            448.0, 1.0 / 448.0)
+        else:
+            tl.store(y_ptr + row * n + offs, _round(s * b, DT).to(DT), mask=mask)
 
     @triton.jit
     def _qk_rope_kernel(x_ptr, wq_ptr, wk_ptr, c_ptr, s_ptr, y_ptr, heads, seq, eps,
@@ -287,8 +309,8 @@ if _TRITON:
 
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, BLOCK: tl.constexpr,
-                           SINGLE: tl.constexpr):
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, RECIPROCAL: tl.constexpr,
+                           BLOCK: tl.constexpr, SINGLE: tl.constexpr):
         """One row: amax of |x| (fp32), scale = max(amax, 1e-12) / MAX, q = clamp(x / scale) in e4m3. A row that
         fits one block is read once (SINGLE); wider rows are swept twice (the second read comes from cache)."""
         row = tl.program_id(0).to(tl.int64)
@@ -296,9 +318,9 @@ if _TRITON:
         if SINGLE:
             offs = tl.arange(0, BLOCK)
             x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-            scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), MAX)  # IEEE division, as torch's
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * RECIPROCAL  # fp32 product, as torch's
             tl.store(s_ptr + row, scale)
-            y = _e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -MAX), MAX))
+            y = _e4m3(tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -MAX), MAX))
             tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
         else:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -306,19 +328,22 @@ if _TRITON:
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), MAX)
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * RECIPROCAL
             tl.store(s_ptr + row, scale)
+            inverse = tl.math.div_rn(1.0, scale)
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-                y = _e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -MAX), MAX))
+                y = _e4m3(tl.minimum(tl.maximum(x * inverse, -MAX), MAX))
                 tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.quantize_activation_rowwise`` in one kernel: (e4m3 ``x`` [rows, n], fp32 scale [rows, 1]) of a 2-D
-    activation, same values bit for bit (amax in fp32, IEEE divisions, clamp, round to nearest even).
+    activation, same values (amax in fp32, scale = amax times the fp32 reciprocal of 448, rows times the IEEE
+    reciprocal of their scale, clamp, round to nearest even): bit for bit on the CPU interpreter; on the H200 the
+    scales are equal and a few elements in a million may differ by one e4m3 step (benchmarks/bench_costs.py).
 
     Why: torch's version is six passes over the activation (abs, amax, float, divide, clamp, cast); before every
     fp8 matmul of a step that was 40 ms of a 1024² step on an H200 (``benchmarks/results/costs_h200.json``,
@@ -328,59 +353,88 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
     block = min(16384, triton.next_power_of_2(n))  # one read per row up to 16384 wide, 32 values per thread
-    _quant_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), MAX=448.0, BLOCK=block,
-                                SINGLE=block >= n, num_warps=max(4, min(16, block // 1024)))
+    _quant_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), MAX=448.0, RECIPROCAL=1.0 / 448.0,
+                                BLOCK=block, SINGLE=block >= n, num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+class QuantizedRows(NamedTuple):
+    """A row-wise e4m3 activation, as ``fp8.fp8_linear`` takes it: ``q`` [rows, n], ``scale`` [rows, 1] fp32, and
+    the shape of the activation it stands for (``[*lead, n]``)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype  # the compute dtype it was rounded to (the matmul's result comes back in it)
+
+
+def _outputs(shape, device, dtype, quantize: bool):
+    """(output buffer, row-scale buffer) for a row kernel: e4m3 rows and fp32 scales when ``quantize``."""
+    if not quantize:
+        return torch.empty(shape, device=device, dtype=dtype), None
+    rows = shape.numel() // shape[-1]
+    return (torch.empty((rows, shape[-1]), device=device, dtype=torch.float8_e4m3fn),
+            torch.empty((rows, 1), device=device, dtype=torch.float32))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor | None = None,
+             quantize: bool = False):
     """``blocks.rms(x, weight, eps)`` (times ``scale``, broadcast to ``x``, when given) in one pass; ``x`` may be a
-    strided view with up to 4 dims. Contiguous result in ``x``'s dtype."""
+    strided view with up to 4 dims. Contiguous result in ``x``'s dtype; with ``quantize``, that result quantized
+    for an fp8 matmul instead (``QuantizedRows``, the same bits as ``quantize_rows`` of it)."""
     x = _last_contig(x)
     n = x.shape[-1]
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out, qs = _outputs(x.shape, x.device, x.dtype, quantize)
     n0, n1, n2 = _sizes3(x.shape)
     block = triton.next_power_of_2(n)
     s = _last_contig(scale) if scale is not None else x
-    _rms_kernel[(n0 * n1 * n2,)](x, weight, s, out, n, float(eps), n1, n2, *_lead3(x, x.shape),
-                                 *_lead3(s, x.shape), HAS_SCALE=scale is not None, BLOCK=block,
-                                 num_warps=_warps(block))
-    return out
+    _rms_kernel[(n0 * n1 * n2,)](x, weight, s, out, qs if quantize else x, n, float(eps), n1, n2,
+                                 *_lead3(x, x.shape), *_lead3(s, x.shape), HAS_SCALE=scale is not None,
+                                 QUANT=quantize, BLOCK=block, num_warps=_warps(block))
+    return QuantizedRows(out, qs, x.shape, x.dtype) if quantize else out
 
 
 def residual(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
              next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-             next_scale: torch.Tensor | None = None):
+             next_scale: torch.Tensor | None = None, quantize_next: bool = False):
     """``x + gate * rms(o, weight, eps)`` (``x + rms(o)`` without gate) in one pass. With ``next_weight``, also
-    ``rms(x_new, next_weight, next_eps) * next_scale`` from the same registers: returns ``(x_new, h)``."""
+    ``rms(x_new, next_weight, next_eps) * next_scale`` from the same registers: returns ``(x_new, h)``, ``h`` as
+    ``QuantizedRows`` with ``quantize_next``."""
     x, o = _last_contig(x), _last_contig(o)
     n = x.shape[-1]
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    h = torch.empty_like(out) if next_weight is not None else out
+    quantize_next = quantize_next and next_weight is not None
+    h, qs = _outputs(x.shape, x.device, x.dtype, quantize_next) if next_weight is not None else (out, None)
     n0, n1, n2 = _sizes3(x.shape)
     block = triton.next_power_of_2(n)
     g = _last_contig(gate) if gate is not None else x
     s = _last_contig(next_scale) if next_scale is not None else x
     _residual_kernel[(n0 * n1 * n2,)](
-        x, o, weight, g, next_weight if next_weight is not None else weight, s, out, h, n, float(eps),
-        float(next_eps if next_eps is not None else eps), n1, n2, *_lead3(x, x.shape), *_lead3(o, x.shape),
-        *_lead3(g, x.shape), *_lead3(s, x.shape), HAS_GATE=gate is not None, HAS_NEXT=next_weight is not None,
-        HAS_SCALE=next_scale is not None, BLOCK=block, num_warps=_warps(block))
-    return (out, h) if next_weight is not None else out
+        x, o, weight, g, next_weight if next_weight is not None else weight, s, out, h, qs if quantize_next else x,
+        n, float(eps), float(next_eps if next_eps is not None else eps), n1, n2, *_lead3(x, x.shape),
+        *_lead3(o, x.shape), *_lead3(g, x.shape), *_lead3(s, x.shape), HAS_GATE=gate is not None,
+        HAS_NEXT=next_weight is not None, HAS_SCALE=next_scale is not None, QUANT=quantize_next, BLOCK=block,
+        num_warps=_warps(block))
+    if next_weight is None:
+        return out
+    return out, (QuantizedRows(h, qs, x.shape, x.dtype) if quantize_next else h)
 
 
-def silu_mul(g1: torch.Tensor, g3: torch.Tensor) -> torch.Tensor:
-    """``F.silu(g1) * g3`` in one pass (the halves of the fused w1/w3 result may be strided views)."""
+def silu_mul(g1: torch.Tensor, g3: torch.Tensor, quantize: bool = False):
+    """``F.silu(g1) * g3`` in one pass (the halves of the fused w1/w3 result may be strided views); with
+    ``quantize``, as ``QuantizedRows`` for an fp8 matmul (rows up to 16384 wide: one program per row)."""
     g1, g3 = _last_contig(g1), _last_contig(g3)
     n = g1.shape[-1]
-    out = torch.empty(g1.shape, device=g1.device, dtype=g1.dtype)
+    quantize = quantize and n <= 16384
+    out, qs = _outputs(g1.shape, g1.device, g1.dtype, quantize)
     n0, n1, n2 = _sizes3(g1.shape)
-    block = min(2048, triton.next_power_of_2(n))
+    block = triton.next_power_of_2(n) if quantize else min(2048, triton.next_power_of_2(n))
     grid = (n0 * n1 * n2, triton.cdiv(n, block))
-    _silu_mul_kernel[grid](g1, g3, out, n, n1, n2, *_lead3(g1, g1.shape), *_lead3(g3, g1.shape), BLOCK=block,
-                           num_warps=_warps(block))
-    return out
+    _silu_mul_kernel[grid](g1, g3, out, qs if quantize else g1, n, n1, n2, *_lead3(g1, g1.shape),
+                           *_lead3(g3, g1.shape), QUANT=quantize, BLOCK=block,
+                           num_warps=max(4, min(16, block // 1024)) if quantize else _warps(block))
+    return QuantizedRows(out, qs, g1.shape, g1.dtype) if quantize else out
 
 
 def rope_supported(x: torch.Tensor, cos: torch.Tensor) -> bool:
