@@ -79,6 +79,8 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
     import triton.language as tl
 
+    from .kernels import _e4m3  # the bit-level e4m3 rounding, one copy for the package
+
     _TRITON = True
 except Exception:  # pragma: no cover - depends on the install
     _TRITON = False
@@ -131,25 +133,26 @@ if _TRITON:
         if CLAMP:
             x = tl.minimum(tl.maximum(x, -448.0), 448.0)
         if EMULATE:  # the interpreter's cast does not carry a rounded-up mantissa: round on the e4m3 grid first
-            bits = x.to(tl.int32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # RNE
-            subnormal = (tl.abs(x) + 24576.0) - 24576.0  # 1.5 * 2^14: its fp32 ulp is 2^-9, e4m3's subnormal step
-            subnormal = tl.where(bits < 0, -subnormal, subnormal)  # keeps the sign of a zero
-            x = tl.where(tl.abs(x) < 0.015625, subnormal, normal)  # below 2^-6 e4m3 is subnormal
+            x = _e4m3(x)  # (kernels.py; on the GPU the hardware cast rounds in the attention's inner loop)
         return x.to(tl.float8e4nv)
+
+    @triton.jit
+    def _load_rows(X, S, H, sxb, sxh, sxs, sxd, D: tl.constexpr, BLOCK_R: tl.constexpr):
+        """This program's BLOCK_R token rows of X [B, H, S, D] (any strides) in fp32, rows past S zero; with the
+        row indices, the channel indices and the (batch, head) index."""
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        d = tl.arange(0, D)
+        src = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None].to(tl.int64) * sxs + d[None, :] * sxd
+        return tl.load(src, mask=rows[:, None] < S, other=0.0).to(tl.float32), rows, d, bh
 
     @triton.jit
     def _quant_rows_kernel(X, X8, XS, S, S_PAD, H, sxb, sxh, sxs, sxd,
                            D: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
         """One scale per token row: X [B, H, S, D] (any strides) -> X8 [B*H, S_PAD, D] e4m3, XS [B*H, S_PAD]."""
-        pid_r = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        d = tl.arange(0, D)
-        src = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows[:, None].to(tl.int64) * sxs + d[None, :] * sxd
-        x = tl.load(src, mask=rows[:, None] < S, other=0.0).to(tl.float32)
+        x, rows, d, bh = _load_rows(X, S, H, sxb, sxh, sxs, sxd, D, BLOCK_R)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
         x8 = _to_e4m3(x / scale[:, None], EMULATE, True)
         base = bh.to(tl.int64) * S_PAD
@@ -161,14 +164,7 @@ if _TRITON:
                         D: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
         """One scale per channel: V [B, H, S, D] (any strides), VMAX [B*H, D] amax over tokens ->
         V8T [B*H, D, S_PAD] e4m3, transposed (tokens contiguous: K-major for the P@V dot)."""
-        pid_r = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        d = tl.arange(0, D)
-        src = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows[:, None].to(tl.int64) * svs + d[None, :] * svd
-        x = tl.load(src, mask=rows[:, None] < S, other=0.0).to(tl.float32)
+        x, rows, d, bh = _load_rows(V, S, H, svb, svh, svs, svd, D, BLOCK_R)
         scale = tl.maximum(tl.load(VMAX + bh * D + d) / 448.0, 1e-12)
         x8 = _to_e4m3(x / scale[None, :], EMULATE, True)
         base = bh.to(tl.int64) * D * S_PAD
