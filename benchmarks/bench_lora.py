@@ -76,7 +76,8 @@ def main() -> int:
         for r in range(args.rounds):
             for which in (("with", "without") if r % 2 == 0 else ("without", "with")):
                 z.set_lora_strength("lora", 1.0 if which == "with" else 0.0)
-                z.sample(feats, **kw)  # a strength change bumps the weights' version: graphs are captured again
+                z.sample(feats, **kw)  # a strength change bumps the weights' version: a new graph key runs eagerly
+                z.sample(feats, **kw)  # once, and is captured at its second generation (cuda_graphs.py)
                 sync()
                 start = time.perf_counter()
                 z.sample(feats, **kw)

@@ -28,10 +28,10 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_activation_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 rows, fp32 scale [rows, 1]) of a 2-D activation, for ``torch._scaled_mm``."""
-    # times the fp32 reciprocal, not "/ 448": a division by a Python number is true division on the CPU but a
-    # multiply by the reciprocal on CUDA, and the scales must be the same bits everywhere (kernels.quantize_rows)
-    # and the rows multiplied by the IEEE reciprocal of their scale: one division per row, not per element (the
-    # kernel's per-element division made it compute-bound)
+    # The scale is amax times the fp32 reciprocal of 448, not amax / 448: torch divides by a Python number exactly
+    # on the CPU but multiplies by its reciprocal on CUDA, and the scales must be the same bits on every device
+    # (kernels.quantize_rows). The rows are multiplied by the IEEE reciprocal of their scale: one division per row
+    # (a division per element made the Triton kernel compute-bound).
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) * E4M3_RECIPROCAL
     return (x.float() * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
