@@ -185,6 +185,16 @@ if _TRITON:
         tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _row_index(n1, n2):
+        """This program's row and its indices in the (up to) three leading dims: int32 index maths (cheap), int64
+        results (offsets into large tensors)."""
+        row = tl.program_id(0)
+        i2 = (row % n2).to(tl.int64)
+        i1 = ((row // n2) % n1).to(tl.int64)
+        i0 = (row // (n1 * n2)).to(tl.int64)
+        return row.to(tl.int64), i0, i1, i2
+
+    @triton.jit
     def _rms_rows(x, n, eps, w, DT: tl.constexpr):
         """Reference ``rms``: fp32 statistics, rounded to the compute dtype, times the weight (cast to it), rounded."""
         var = tl.sum(x * x, axis=0) / n
@@ -195,11 +205,7 @@ if _TRITON:
     def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, qs_ptr, n, eps, n1, n2,
                     xs0, xs1, xs2, ss0, ss1, ss2,
                     HAS_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
-        i2 = (row % n2).to(tl.int64)
-        i1 = ((row // n2) % n1).to(tl.int64)
-        i0 = (row // (n1 * n2)).to(tl.int64)
-        row = row.to(tl.int64)
+        row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -221,11 +227,7 @@ if _TRITON:
                          xs0, xs1, xs2, os0, os1, os2, gs0, gs1, gs2, ss0, ss1, ss2,
                          HAS_GATE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
                          QUANT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
-        i2 = (row % n2).to(tl.int64)
-        i1 = ((row // n2) % n1).to(tl.int64)
-        i0 = (row // (n1 * n2)).to(tl.int64)
-        row = row.to(tl.int64)
+        row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = out_ptr.dtype.element_ty
@@ -256,11 +258,7 @@ if _TRITON:
     @triton.jit
     def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, qs_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2,
                          QUANT: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)  # int32 index maths (cheap), int64 offsets (large tensors)
-        i2 = (row % n2).to(tl.int64)
-        i1 = ((row // n2) % n1).to(tl.int64)
-        i0 = (row // (n1 * n2)).to(tl.int64)
-        row = row.to(tl.int64)
+        row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         DT: tl.constexpr = a_ptr.dtype.element_ty

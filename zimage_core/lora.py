@@ -83,6 +83,9 @@ _BLOCK_US = {k.replace(".", "_"): v for k, v in BLOCK_MODULES.items()}
 _TOP_US = {k.replace(".", "_"): v for k, v in TOP_MODULES.items()}
 DOTTED_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.", "")
 UNDERSCORE_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
+# (prefixes, separator in the key, block modules, top modules, diffusers-only block names) of each key style
+_NAMINGS = ((DOTTED_PREFIXES, r"\.", BLOCK_MODULES, TOP_MODULES, DIFFUSERS_ONLY),
+            (UNDERSCORE_PREFIXES, "_", _BLOCK_US, _TOP_US, {d.replace(".", "_") for d in DIFFUSERS_ONLY}))
 TE_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "self_attn.q_norm", "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
               "input_layernorm", "post_attention_layernorm")
@@ -141,29 +144,17 @@ def _strip_form(key: str) -> tuple[str, str, str] | None:
 
 def _transformer_target(base: str) -> tuple[str, int | None, str] | None:
     """(canonical module, qkv index or None, naming) of a LoRA key base that names a Z-Image transformer layer."""
-    for prefix in DOTTED_PREFIXES:
-        if not base.startswith(prefix):
-            continue
-        rest = base[len(prefix):]
-        m = re.fullmatch(r"(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)", rest)
-        if m and m.group(3) in BLOCK_MODULES:
-            module, index = BLOCK_MODULES[m.group(3)]
-            diffusers = m.group(3) in DIFFUSERS_ONLY
-            return f"{m.group(1)}.{m.group(2)}.{module}", index, _naming(prefix, diffusers)
-        if rest in TOP_MODULES:
-            diffusers = rest.startswith("all_")
-            return TOP_MODULES[rest], None, _naming(prefix, diffusers)
-    for prefix in UNDERSCORE_PREFIXES:
-        if not base.startswith(prefix):
-            continue
-        rest = base[len(prefix):]
-        m = re.fullmatch(r"(layers|noise_refiner|context_refiner)_(\d+)_(.+)", rest)
-        if m and m.group(3) in _BLOCK_US:
-            module, index = _BLOCK_US[m.group(3)]
-            diffusers = m.group(3).replace("_", ".") in {d.replace("_", ".") for d in DIFFUSERS_ONLY}
-            return f"{m.group(1)}.{m.group(2)}.{module}", index, _naming(prefix, diffusers)
-        if rest in _TOP_US:
-            return _TOP_US[rest], None, _naming(prefix, rest.startswith("all_"))
+    for prefixes, sep, blocks, tops, diffusers_only in _NAMINGS:
+        for prefix in prefixes:
+            if not base.startswith(prefix):
+                continue
+            rest = base[len(prefix):]
+            m = re.fullmatch(rf"(layers|noise_refiner|context_refiner){sep}(\d+){sep}(.+)", rest)
+            if m and m.group(3) in blocks:
+                module, index = blocks[m.group(3)]
+                return f"{m.group(1)}.{m.group(2)}.{module}", index, _naming(prefix, m.group(3) in diffusers_only)
+            if rest in tops:
+                return tops[rest], None, _naming(prefix, rest.startswith("all_"))
     return None
 
 
