@@ -20,7 +20,10 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
   the next norm ``rms(x_new, w_next) * scale_next`` (the FFN's input), so ``x_new`` is not read again.
 - ``silu_mul(g1, g3)``: ``silu(g1) * g3`` on the (possibly strided) halves of the fused w1/w3 matmul.
 - ``quantize_rows(x)``: the fp8 matmul's row-wise activation quantization (amax, scale, e4m3 cast) in one kernel,
-  bit for bit ``fp8.quantize_activation_rowwise`` (40 ms of torch passes per 1024² step before, on the H200).
+  equal to ``fp8.quantize_activation_rowwise`` (40 ms of torch passes per 1024² step before, on the H200).
+- ``rms_norm``, ``residual`` (its next norm) and ``silu_mul`` can write their result that way themselves
+  (``quantize=True``: ``QuantizedRows``, e4m3 rows and fp32 scales), so three of a block's four fp8 matmuls get
+  their input without another pass (8 fp8 steps at 1024² on the H200: 0.577 s -> 0.560 s).
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
 diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
