@@ -222,16 +222,17 @@ def test_step_graphs_capture_from_the_second_generation_of_a_key(tiny_dir, monke
     graphs = denoiser.graphs = cuda_graphs.StepGraphs(denoiser)  # as on CUDA (the CPU builds none)
     captures = []
 
-    def fake_capture(fn, *inputs, pool=None):
+    def fake_capture(fn, *inputs, pool=None):  # a "graph" that recomputes into its static output, as replay does
         captures.append(len(inputs))
-        return _Replay(fn, inputs), fn(*inputs)
+        out = fn(*inputs)
+        return _Replay(fn, inputs, out), out
 
     class _Replay:
-        def __init__(self, fn, inputs):
-            self.fn, self.inputs = fn, inputs
+        def __init__(self, fn, inputs, out):
+            self.fn, self.inputs, self.out = fn, inputs, out
 
         def replay(self):
-            self.fn(*self.inputs)
+            self.out.copy_(self.fn(*self.inputs))
 
     monkeypatch.setattr(cuda_graphs, "_capture", fake_capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
@@ -243,6 +244,8 @@ def test_step_graphs_capture_from_the_second_generation_of_a_key(tiny_dir, monke
     second = denoiser.prepare(feats)
     replayed = denoiser(second, latents, t)
     assert captures == [2] and not graphs.failed
-    denoiser(second, latents, t)
+    other = torch.randn(1, 16, 8, 8)
+    again = denoiser(second, other, t)  # new values through the static inputs
     assert captures == [2]  # captured once, replayed after
     assert torch.equal(replayed, eager[0])
+    assert torch.allclose(again, zimage.denoiser._forward(second, other, t), atol=1e-6)

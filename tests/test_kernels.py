@@ -172,6 +172,28 @@ def _checks() -> dict:
             g1, g3 = g13.chunk(2, dim=-1)
             res[f"fused_quant_silu_{tag}_{n}"] = same_bits(kernels.silu_mul(g1, g3, quantize=True),
                                                            kernels.silu_mul(g1, g3))
+    # non-finite activations stay non-finite through the quantization, as with torch's (the fp16 guard and the NaN
+    # errors depend on it): NaN/inf scales equal; the codes equal wherever torch's code is not NaN (Triton's
+    # interpreter casts NaN to a number; the GPU's cvt keeps it), so every such row multiplies to non-finite values
+    def nonfinite_case(q, s, ref_q, ref_s):
+        keep = ~ref_q.float().isnan()
+        w8, w_scale = quantize_rowwise(rnd(8, q.shape[1]))
+        out = torch._scaled_mm(q, w8.t(), scale_a=s, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
+        return {"scales_equal": torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s[~s.isnan()], ref_s[~ref_s.isnan()]),
+                "codes_equal": torch.equal(q.view(torch.uint8)[keep], ref_q.view(torch.uint8)[keep]),
+                "nonfinite_rows": (~torch.isfinite(out.float())).any(1).tolist()}
+
+    from zimage_core.fp8 import quantize_rowwise
+
+    for n in (300, 17000):
+        x = rnd(4, n, dtype=torch.bfloat16)
+        x[1, 3], x[2, 5], x[3, 7] = float("nan"), float("inf"), float("-inf")
+        res[f"quant_nonfinite_{n}"] = nonfinite_case(*kernels.quantize_rows(x), *quantize_activation_rowwise(x))
+    g1, g3 = rnd(4, 300, dtype=torch.bfloat16), rnd(4, 300, dtype=torch.bfloat16)
+    g1[1, 4] = float("-inf")  # silu(-inf) is NaN
+    fused = kernels.silu_mul(g1, g3, quantize=True)
+    res["quant_nonfinite_fused_silu"] = nonfinite_case(fused.q, fused.scale,
+                                                       *quantize_activation_rowwise(kernels.silu_mul(g1, g3)))
     res["rope_calls"] = calls.get("rope", 0)  # the standalone RoPE went through blocks.rope's dispatch
     # whole blocks (modulated, unmodulated), kernels on vs off, fp32 and bf16 compute, fused and split FFN
     transformer = build_tiny_models(seed=0)[0]
@@ -310,12 +332,21 @@ def test_block_forward_with_kernels_matches_without(measured, dtype, name):
 
 
 def test_fp8_row_quantization_is_bit_exact(measured):
-    keys = [k for k in measured if k.startswith("quant_")]
+    keys = [k for k in measured if k.startswith("quant_") and not k.startswith("quant_nonfinite")]
     assert len(keys) == 24, keys
     for k in keys:
         m = measured[k]
         assert m["scale_equal"] and m["q_equal"] and m["dtype"] == "torch.float8_e4m3fn", (k, m)
     assert sum(measured[k]["subnormals"] for k in keys) > 0  # the subnormal rounding was exercised
+
+
+def test_fp8_quantization_keeps_non_finite_rows_non_finite(measured):
+    for k in ("quant_nonfinite_300", "quant_nonfinite_17000"):
+        m = measured[k]
+        assert m["scales_equal"] and m["codes_equal"], (k, m)
+        assert m["nonfinite_rows"] == [False, True, True, True], (k, m)  # NaN, +inf and -inf rows
+    m = measured["quant_nonfinite_fused_silu"]
+    assert m["scales_equal"] and m["codes_equal"] and m["nonfinite_rows"] == [False, True, False, False], m
 
 
 def test_fused_fp8_quantization_is_bit_exact(measured):

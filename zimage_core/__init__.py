@@ -64,4 +64,9 @@ from .vae_convert import ExactTiledDecoder  # noqa: E402
 
 __all__ += ["NativeAccelerator", "fp8_matmul_usable", "zimage_reason", "ExactTiledDecoder"]
 
-from . import fp8_attention  # noqa: E402,F401  (registers the "fp8" attention backend)
+try:  # the experimental "fp8" attention backend registers itself; a torch without custom ops just lacks it
+    from . import fp8_attention  # noqa: E402,F401
+except Exception as _err:  # pragma: no cover - depends on the installed torch/Triton
+    import logging as _logging
+
+    _logging.getLogger("zimage_core").info("fp8 attention backend unavailable: %s", _err)

@@ -23,7 +23,7 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
   equal to ``fp8.quantize_activation_rowwise`` (40 ms of torch passes per 1024² step before, on the H200).
 - ``rms_norm``, ``residual`` (its next norm) and ``silu_mul`` can write their result that way themselves
   (``quantize=True``: ``QuantizedRows``, e4m3 rows and fp32 scales), so three of a block's four fp8 matmuls get
-  their input without another pass (8 fp8 steps at 1024² on the H200: 0.577 s -> 0.560 s).
+  their input without another pass (8 fp8 steps at 1024² on the H200: 0.577 s before, 0.560 s after, two runs).
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
 diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
@@ -176,15 +176,31 @@ if _TRITON:
         bits = y.to(tl.uint32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
         small = (tl.abs(y) + 24576.0) - 24576.0
-        return tl.where(tl.abs(y) < 0.015625, tl.where((bits >> 31) != 0, -small, small), normal)  # sign kept
+        rounded = tl.where(tl.abs(y) < 0.015625, tl.where((bits >> 31) != 0, -small, small), normal)  # sign kept
+        return tl.where(y != y, y, rounded)  # NaN stays NaN (the carry above would wrap a NaN's bits to 0)
+
+    @triton.jit
+    def _max_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def _scale_of(amax, RECIPROCAL: tl.constexpr):
+        """The row scale as torch computes it (NaN and inf carried through, as ``clamp``/``amax`` do)."""
+        return tl.maximum(amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) * RECIPROCAL
+
+    @triton.jit
+    def _clamp_nan(y, MAX: tl.constexpr):
+        """``clamp(y, -MAX, MAX)`` that keeps NaN (Triton's min/max drop it by default; torch's clamp keeps it)."""
+        return tl.minimum(tl.maximum(y, -MAX, propagate_nan=tl.PropagateNan.ALL), MAX,
+                          propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def _store_e4m3_row(y, q_ptr, s_ptr, row, offs, mask, MAX: tl.constexpr, RECIPROCAL: tl.constexpr):
         """Store row ``y`` at ``q_ptr`` (the row's start) (fp32 values of the compute dtype; masked lanes 0) as e4m3 with its row scale, as
         ``quantize_rows`` does: scale = max(amax, 1e-12) * fp32(1/448), y * (1/scale) clamped, rounded."""
-        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) * RECIPROCAL
+        scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), RECIPROCAL)
         tl.store(s_ptr + row, scale)
-        q = _e4m3(tl.minimum(tl.maximum(y * tl.math.div_rn(1.0, scale), -MAX), MAX))
+        q = _e4m3(_clamp_nan(y * tl.math.div_rn(1.0, scale), MAX))
         tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -312,30 +328,31 @@ if _TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, RECIPROCAL: tl.constexpr,
                            BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-        """One row: amax of |x| (fp32), scale = max(amax, 1e-12) / MAX, q = clamp(x / scale) in e4m3. A row that
-        fits one block is read once (SINGLE); wider rows are swept twice (the second read comes from cache)."""
+        """One row: amax of |x| (fp32, NaN-propagating), scale = max(amax, 1e-12) * fp32(1/MAX), q = clamp(x times
+        the IEEE reciprocal of scale) in e4m3. A row that fits one block is read once (SINGLE); wider rows are swept
+        twice (the second read comes from cache)."""
         row = tl.program_id(0).to(tl.int64)
         src = x_ptr + row * xs
         if SINGLE:
             offs = tl.arange(0, BLOCK)
             x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * RECIPROCAL  # fp32 product, as torch's
+            scale = _scale_of(tl.reduce(tl.abs(x), 0, _max_nan), RECIPROCAL)  # fp32 product, as torch's
             tl.store(s_ptr + row, scale)
-            y = _e4m3(tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -MAX), MAX))
+            y = _e4m3(_clamp_nan(x * tl.math.div_rn(1.0, scale), MAX))
             tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
         else:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * RECIPROCAL
+                amax = _max_nan(amax, tl.abs(x))
+            scale = _scale_of(tl.reduce(amax, 0, _max_nan), RECIPROCAL)
             tl.store(s_ptr + row, scale)
             inverse = tl.math.div_rn(1.0, scale)
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-                y = _e4m3(tl.minimum(tl.maximum(x * inverse, -MAX), MAX))
+                y = _e4m3(_clamp_nan(x * inverse, MAX))
                 tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
 
 

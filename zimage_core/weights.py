@@ -137,8 +137,8 @@ class WeightOwner:
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of ``t`` in ordinary (pageable) memory. Not page-locked, although copies back from pinned pages
     are ~8x faster (H200 machine: 0.020 against 0.153 s/GiB, ``benchmarks/results/host_copy_h200.json``): torch's
-    pinned allocator rounds every block up to a power of two, +54% host memory for this model's matrices (a 79 MB
-    w1 takes 128 MB), memory that can't be swapped out."""
+    pinned allocator rounds every block up to a power of two, about +54% host memory for this model's matrices by
+    that rule (a 79 MB w1 takes 128 MB), memory that can't be swapped out."""
     return t.detach().to("cpu", copy=True)
 
 
