@@ -123,10 +123,38 @@ def main() -> int:
             results[f"quant_kernel_{name}_scales_equal"] = float(torch.equal(s, rs))
             results[f"quant_kernel_{name}_unequal_fraction"] = (q.view(torch.uint8) != rq.view(torch.uint8)
                                                                 ).float().mean().item()
+            # how far apart the unequal codes are, in e4m3 steps (adjacent codes of one sign differ by 1)
+            diff = (q.view(torch.uint8).int() - rq.view(torch.uint8).int()).abs()
+            results[f"quant_kernel_{name}_max_code_difference"] = float(diff.max())
             # ten calls back to back per timing: one call alone times the launcher, not the kernel
             results[f"quant_kernel_{name}_us"] = gpu_ms(lambda: [kernels.quantize_rows(x) for _ in range(10)]) * 100
             results[f"quant_torch_{name}_us"] = gpu_ms(lambda: [quantize_activation_rowwise(x) for _ in range(10)]
                                                        ) * 100
+        # the fused outputs (RMSNorm with modulation, the residual's next norm, SiLU-gate) against the kernel's plain
+        # result quantized by torch; and rows with NaN / inf
+        def compare(tag, got, plain):
+            rq, rs = quantize_activation_rowwise(plain.reshape(-1, plain.shape[-1]))
+            keep = ~rq.float().isnan()
+            results[f"fused_{tag}_scales_equal"] = float(torch.equal(got.scale.isnan(), rs.isnan()) and torch.equal(
+                got.scale[~got.scale.isnan()], rs[~rs.isnan()]))
+            results[f"fused_{tag}_unequal_fraction"] = (got.q.view(torch.uint8)[keep] != rq.view(torch.uint8)[keep]
+                                                        ).float().mean().item()
+            results[f"fused_{tag}_nan_positions_equal"] = float(torch.equal(got.q.float().isnan(), rq.float().isnan()))
+
+        dim, hidden = 3840, 10240
+        x = torch.randn(1, TOKENS, dim, device=device, dtype=torch.bfloat16)
+        w = torch.randn(dim, device=device, dtype=torch.bfloat16) * 0.2 + 1
+        sc = torch.randn(1, 1, dim, device=device, dtype=torch.bfloat16) * 0.5 + 1
+        o = torch.randn_like(x) * 4
+        gate = torch.randn(1, 1, dim, device=device, dtype=torch.bfloat16).tanh()
+        x[0, 5, 7], o[0, 9, 1] = float("nan"), float("inf")
+        compare("rms", kernels.rms_norm(x, w, 1e-6, sc, quantize=True), kernels.rms_norm(x, w, 1e-6, sc))
+        compare("residual", kernels.residual(x, o, w, 1e-5, gate, w, 1e-6, sc, quantize_next=True)[1],
+                kernels.residual(x, o, w, 1e-5, gate, w, 1e-6, sc)[1])
+        g1 = torch.randn(1, TOKENS, hidden, device=device, dtype=torch.bfloat16) * 3
+        g3 = torch.randn_like(g1)
+        g1[0, 3, 3] = float("-inf")
+        compare("silu", kernels.silu_mul(g1, g3, quantize=True), kernels.silu_mul(g1, g3))
 
     @section("host_copy")
     def host_copy(results):

@@ -170,8 +170,7 @@ if _TRITON:
     def _e4m3(y):
         """``y`` (fp32, |y| ≤ 448) rounded to e4m3's grid (to nearest even) on the bits, so that the cast after it
         is exact whatever the backend's own rounding: Triton's interpreter halves values whose rounding carries
-        into the exponent (127.0 became 64), and on the H200 the plain cast differed from torch's in some
-        elements. Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (the magnitude rounded by
+        into the exponent (127.0 became 64). (On the H200 the cast still writes -0.0 as +0.) Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (the magnitude rounded by
         adding and subtracting 1.5 * 2**14, the sign bit put back: tiny negatives and -0.0 give -0.0, as torch's)."""
         bits = y.to(tl.uint32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
@@ -360,8 +359,9 @@ if _TRITON:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``fp8.quantize_activation_rowwise`` in one kernel: (e4m3 ``x`` [rows, n], fp32 scale [rows, 1]) of a 2-D
     activation, same values (amax in fp32, scale = amax times the fp32 reciprocal of 448, rows times the IEEE
-    reciprocal of their scale, clamp, round to nearest even): bit for bit on the CPU interpreter; on the H200 the
-    scales are equal and a few elements in a million may differ by one e4m3 step (benchmarks/bench_costs.py).
+    reciprocal of their scale, clamp, round to nearest even; NaN and inf carried as torch does): bit for bit on the
+    CPU interpreter; on the H200 the scales are equal and the only differing codes are zeros written +0 where
+    torch writes -0 (2-3 in a million; ``benchmarks/results/quant_kernel_h200.json``).
 
     Why: torch's version is six passes over the activation (abs, amax, float, divide, clamp, cast); before every
     fp8 matmul of a step that was 40 ms of a 1024² step on an H200 (``benchmarks/results/costs_h200.json``,
