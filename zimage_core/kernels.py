@@ -170,8 +170,9 @@ if _TRITON:
     def _e4m3(y):
         """``y`` (fp32, |y| ≤ 448) rounded to e4m3's grid (to nearest even) on the bits, so that the cast after it
         is exact whatever the backend's own rounding: Triton's interpreter halves values whose rounding carries
-        into the exponent (127.0 became 64). (On the H200 the cast still writes -0.0 as +0.) Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9 (the magnitude rounded by
-        adding and subtracting 1.5 * 2**14, the sign bit put back: tiny negatives and -0.0 give -0.0, as torch's)."""
+        into the exponent (127.0 became 64). Normals keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9
+        (the magnitude rounded by adding and subtracting 1.5 * 2**14, the sign bit put back: tiny negatives and -0.0
+        give -0.0, as torch's; the H200's cast then still writes -0.0 as +0)."""
         bits = y.to(tl.uint32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
         small = (tl.abs(y) + 24576.0) - 24576.0
