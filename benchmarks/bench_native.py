@@ -62,17 +62,11 @@ def boot_comfy(comfy: Path, cpu: bool) -> None:
 
 
 def load_pack():
-    """The node pack as ComfyUI imports it (a package), its Accelerate node module."""
-    import importlib
-    import importlib.util
+    """The node pack as ComfyUI imports it, its Accelerate node module (the tests' loader)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import load_pack as pack_loader
 
-    spec = importlib.util.spec_from_file_location("zturbo_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["zturbo_pack"] = pack
-    spec.loader.exec_module(pack)
-    pack._load_core()
-    return importlib.import_module("zturbo_pack.nodes.accelerate")
+    return pack_loader(ROOT)
 
 
 def original_state(transformer) -> dict:
@@ -117,19 +111,11 @@ def load_model(path: Path, tiny: bool):
 
 
 def random_lora(patcher, rank: int, seed: int = 0) -> dict:
-    """A rank-``rank`` LoRA in ComfyUI's native names on every attention and FFN matrix of every block."""
-    import torch
+    """``common.random_lora`` on the weights of a ComfyUI model (its NextDiT's own parameter names)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import random_lora as lora_of
 
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, p in patcher.model.diffusion_model.named_parameters():
-        if name.endswith(("attention.qkv.weight", "attention.out.weight", "feed_forward.w1.weight",
-                          "feed_forward.w2.weight", "feed_forward.w3.weight")):
-            base = "diffusion_model." + name[:-len(".weight")]
-            sd[f"{base}.lora_up.weight"] = torch.randn(p.shape[0], rank, generator=g) * 0.01
-            sd[f"{base}.lora_down.weight"] = torch.randn(rank, p.shape[1], generator=g) / p.shape[1] ** 0.5
-            sd[f"{base}.alpha"] = torch.tensor(float(rank))
-    return sd
+    return lora_of(((n, p.shape) for n, p in patcher.model.diffusion_model.named_parameters()), rank, seed)
 
 
 def node_output(out):

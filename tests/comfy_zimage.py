@@ -92,21 +92,22 @@ def tiny_unet_config(sd: dict, prefix: str = "") -> dict:
                 z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
 
 
-def tiny_native_model(state_dict: dict, dtype=None, metadata: dict | None = None):
-    """A ComfyUI ``ModelPatcher`` of Z-Image (``model_base.Lumina2`` with the ``ZImage`` model config) from an
-    original-layout state dict (``model.diffusion_model.`` prefix optional), loaded by ComfyUI's own
-    ``load_diffusion_model_state_dict``. Call after ``boot``."""
+def install_tiny_zimage_detection():
+    """ComfyUI's model detection taught the tiny Z-Image (returns the function that removes the mappings): a
+    Z-Image state dict narrower than the real 3840 gets ``tiny_unet_config``, a Z-Image config picks the ``ZImage``
+    model config, and the timestep MLP gets diffusers' shapes. ``tiny_native_model`` installs them for one load; a
+    ComfyUI process whose UNETLoader must load the tiny model (a test-only custom node) keeps them. Call after
+    ComfyUI's core is importable."""
     import comfy.ldm.lumina.model as lumina
     import comfy.model_detection as md
-    import comfy.sd
     import comfy.supported_models
-    import torch
 
-    real_detect, real_pick = md.detect_unet_config, md.model_config_from_unet_config
+    real_detect, real_pick, real_embedder = md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder
 
     def detect(sd, key_prefix, *args, **kwargs):
         cfg = real_detect(sd, key_prefix, *args, **kwargs)
-        if cfg and cfg.get("image_model") == "lumina2" and f"{key_prefix}cap_pad_token" in sd:
+        if cfg and cfg.get("image_model") == "lumina2" and f"{key_prefix}cap_pad_token" in sd \
+                and sd[f"{key_prefix}cap_embedder.1.weight"].shape[0] != 3840:
             cfg = tiny_unet_config(sd, key_prefix)
         return cfg
 
@@ -114,8 +115,6 @@ def tiny_native_model(state_dict: dict, dtype=None, metadata: dict | None = None
         if unet_config.get("image_model") == "lumina2" and unet_config.get("z_image_modulation"):
             return comfy.supported_models.ZImage(unet_config)
         return real_pick(unet_config, *args, **kwargs)
-
-    real_embedder = lumina.TimestepEmbedder
 
     def embedder(hidden_size, *args, output_size=None, **kwargs):
         # ComfyUI sizes Z-Image's timestep MLP min(dim, 1024) -> 256, diffusers 1024 -> min(dim, 256): the same
@@ -125,12 +124,28 @@ def tiny_native_model(state_dict: dict, dtype=None, metadata: dict | None = None
         return real_embedder(hidden_size, *args, output_size=output_size, **kwargs)
 
     md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder = detect, pick, embedder
+
+    def remove():
+        md.detect_unet_config, md.model_config_from_unet_config = real_detect, real_pick
+        lumina.TimestepEmbedder = real_embedder
+
+    return remove
+
+
+def tiny_native_model(state_dict: dict, dtype=None, metadata: dict | None = None):
+    """A ComfyUI ``ModelPatcher`` of Z-Image (``model_base.Lumina2`` with the ``ZImage`` model config) from an
+    original-layout state dict (``model.diffusion_model.`` prefix optional), loaded by ComfyUI's own
+    ``load_diffusion_model_state_dict`` with the tiny-model mappings of ``install_tiny_zimage_detection`` in place
+    for the length of the call. Call after ``boot``."""
+    import comfy.sd
+    import torch
+
+    remove = install_tiny_zimage_detection()
     try:
         options = {"dtype": dtype or torch.float32}
         return comfy.sd.load_diffusion_model_state_dict(dict(state_dict), model_options=options, metadata=metadata)
     finally:
-        md.detect_unet_config, md.model_config_from_unet_config = real_detect, real_pick
-        lumina.TimestepEmbedder = real_embedder
+        remove()
 
 
 def _lora_task(inp: Path, out: Path) -> dict:
@@ -250,39 +265,3 @@ def main(task: str, root: Path, inp: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
-
-
-def install_tiny_zimage_detection():
-    """``tiny_native_model``'s three detection mappings installed for good (returns the function that removes them):
-    for a ComfyUI process whose UNETLoader must load the tiny Z-Image, e.g. from a test-only custom node. Call after
-    ComfyUI's core is importable."""
-    import comfy.ldm.lumina.model as lumina
-    import comfy.model_detection as md
-    import comfy.supported_models
-
-    real_detect, real_pick, real_embedder = md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder
-
-    def detect(sd, key_prefix, *args, **kwargs):
-        cfg = real_detect(sd, key_prefix, *args, **kwargs)
-        if cfg and cfg.get("image_model") == "lumina2" and f"{key_prefix}cap_pad_token" in sd \
-                and sd[f"{key_prefix}cap_embedder.1.weight"].shape[0] != 3840:
-            cfg = tiny_unet_config(sd, key_prefix)
-        return cfg
-
-    def pick(unet_config, *args, **kwargs):
-        if unet_config.get("image_model") == "lumina2" and unet_config.get("z_image_modulation"):
-            return comfy.supported_models.ZImage(unet_config)
-        return real_pick(unet_config, *args, **kwargs)
-
-    def embedder(hidden_size, *args, output_size=None, **kwargs):  # as in tiny_native_model
-        if output_size == 256:
-            return real_embedder(1024, *args, output_size=min(hidden_size, 256), **kwargs)
-        return real_embedder(hidden_size, *args, output_size=output_size, **kwargs)
-
-    md.detect_unet_config, md.model_config_from_unet_config, lumina.TimestepEmbedder = detect, pick, embedder
-
-    def remove():
-        md.detect_unet_config, md.model_config_from_unet_config = real_detect, real_pick
-        lumina.TimestepEmbedder = real_embedder
-
-    return remove

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -72,3 +73,18 @@ def save_split_files(models, folder: Path, prefix: str = "model.diffusion_model.
     save_file(text_encoder_to_comfy(text_encoder.state_dict()), str(paths["text_encoder"]))
     save_file(vae_to_original(vae.state_dict(), vae.config), str(paths["vae"]))
     return paths
+
+
+def load_pack(repo: Path = Path(__file__).resolve().parents[1]):
+    """The node pack imported as ComfyUI imports it (a package from custom_nodes, ``zturbo_pack``), core loaded;
+    returns its Accelerate node module. Call after ComfyUI is importable."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zturbo_pack", Path(repo) / "__init__.py",
+                                                  submodule_search_locations=[str(repo)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["zturbo_pack"] = pack
+    spec.loader.exec_module(pack)
+    pack._load_core()
+    return importlib.import_module("zturbo_pack.nodes.accelerate")

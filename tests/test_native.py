@@ -41,20 +41,6 @@ STEPS = 4
 
 
 # ===================================================================================== ComfyUI side (subprocess)
-def load_pack():
-    """The pack as ComfyUI imports it (a package from custom_nodes), with its nodes module."""
-    import importlib
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("zturbo_pack", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["zturbo_pack"] = pack
-    spec.loader.exec_module(pack)
-    pack._load_core()
-    return importlib.import_module("zturbo_pack.nodes.accelerate")
-
-
 def boot(root: Path) -> None:
     """ComfyUI's core on the CPU, its V3 API importable (comfy_zimage.boot stubs PyAV, which comfy_api needs)."""
     sys.path.insert(0, str(root))
@@ -67,6 +53,7 @@ def boot(root: Path) -> None:
 def comfy_side(root: Path, inp: Path, out: Path) -> None:
     sys.path.insert(0, str(HERE))
     from comfy_zimage import tiny_native_model
+    from helpers import load_pack
 
     boot(root)
     import comfy.model_management
