@@ -18,27 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Results, build_models, fp8_copy, rel_l2, sync  # noqa: E402
+from common import ROOT, Results, build_models, fp8_copy, random_lora, rel_l2, sync  # noqa: E402
 
 from zimage_core import SpeedOptions, ZImage  # noqa: E402
 from zimage_core.dtypes import resolve_policy  # noqa: E402
 from zimage_core.tokenizer import PromptTokenizer, find_tokenizer  # noqa: E402
 from zimage_core.weights import TransformerWeights  # noqa: E402
-
-
-def random_lora(transformer, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A rank-``rank`` LoRA in ComfyUI's native naming on every attention and FFN matrix of every block."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = TransformerWeights.of(transformer).canonical_shapes()
-    sd = {}
-    for name, shape in shapes.items():
-        if name.endswith(("attention.qkv.weight", "attention.out.weight", "feed_forward.w1.weight",
-                          "feed_forward.w2.weight", "feed_forward.w3.weight")):
-            base = "diffusion_model." + name[:-len(".weight")]
-            sd[f"{base}.lora_up.weight"] = torch.randn(shape[0], rank, generator=g) * 0.01
-            sd[f"{base}.lora_down.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
-            sd[f"{base}.alpha"] = torch.tensor(float(rank))
-    return sd
 
 
 def main() -> int:
@@ -62,7 +47,7 @@ def main() -> int:
     q = fp8_copy(transformer)
     models["fp8"] = ZImage(q, our_te, vae, tokenizer, resolve_policy(device, "bf16", overrides={
         "transformer": ("fp8", "bf16")}), device, speed=opts)
-    lora = random_lora(transformer, args.rank)
+    lora = random_lora(TransformerWeights.of(transformer).canonical_shapes().items(), args.rank)
     for tag, z in models.items():
         z.sample(feats, **kw)  # compile, capture
         plain = z.sample(feats, **kw)

@@ -109,6 +109,21 @@ def fp8_copy(transformer, compute_dtype=torch.bfloat16, work_device=None):
     return q
 
 
+def random_lora(shapes, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A rank-``rank`` LoRA in ComfyUI's native naming (``diffusion_model.…lora_up/lora_down/alpha``) on every
+    attention and FFN matrix among ``shapes`` ((original-layout weight name, shape) pairs, in a fixed order)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in shapes:
+        if name.endswith(("attention.qkv.weight", "attention.out.weight", "feed_forward.w1.weight",
+                          "feed_forward.w2.weight", "feed_forward.w3.weight")):
+            base = "diffusion_model." + name[:-len(".weight")]
+            sd[f"{base}.lora_up.weight"] = torch.randn(shape[0], rank, generator=g) * 0.01
+            sd[f"{base}.lora_down.weight"] = torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5
+            sd[f"{base}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
