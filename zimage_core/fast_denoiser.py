@@ -19,6 +19,10 @@ go through the same fast block function on their higher-precision copy.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,12 @@ from .cuda_graphs import StepGraphs, graphs_usable
 from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
 from .weights import TransformerWeights
 
+log = logging.getLogger(__name__)
+
 _COMPILED = None
+WARM_UP_ENV = "ZIMAGE_WARM_UP"  # 0: never; 1: also on the CPU (tests); unset: on CUDA
+WARM_UP_TOKENS = 1024  # a 512x512 image's tokens: ~100 MB of activations at Z-Image's size, never the real size's
+_WARM_UPS: dict[tuple, threading.Thread] = {}  # per process and kind of call: what a warm-up loads stays loaded
 
 
 def compiled_block_forward():
@@ -80,6 +89,62 @@ class FastDenoiser(Denoiser):
         self.offloader = offloader  # the pipeline's Offloader: under sequential offload it streams the blocks
         self._block = compiled_block_forward() if compile else block_forward
         self.graphs = StepGraphs(self) if cuda_graph and self.device.type == "cuda" else None
+        self._warm_up_pending = True  # the first call waits for any warm-up still running
+
+    # ------------------------------------------------------------------------------- warm-up at load
+    # A new process's first image used to carry ~1.1 s of start-up on an H200 (benchmarks/results/
+    # first_image_h200.json): the first cuBLAS/cuDNN calls, loading our Triton kernels from their cache, and under
+    # compile importing inductor, hashing torch's and Triton's sources and tracing the block. None of it depends on
+    # the image, so it runs at load, in a thread, on one block and a few tokens, while the loader reads the rest and
+    # the prompt is encoded; the first generation waits for it. It changes no state that a generation reads.
+    def _warm_up_key(self) -> tuple:
+        return (str(self.device), self.dtype, self.fp8_matmul, self.attention, self.compiled, self.fuse_ffn,
+                torch.is_inference_mode_enabled())
+
+    def start_warm_up(self) -> threading.Thread | None:
+        """Start the warm-up in a background thread unless one of this kind ran in this process (or ``$ZIMAGE_WARM_UP``
+        is 0, or the device is the CPU and it isn't 1). A denoiser's first call waits for it."""
+        wanted = os.environ.get(WARM_UP_ENV, "")
+        if wanted == "0" or (wanted != "1" and self.device.type != "cuda"):
+            return None
+        key = self._warm_up_key()
+        thread = _WARM_UPS.get(key)
+        if thread is None:
+            thread = _WARM_UPS[key] = threading.Thread(target=self._warm_up, args=(key[-1],), daemon=True,
+                                                       name="zimage-warm-up")
+            thread.start()
+        return thread
+
+    def _warm_up(self, inference: bool) -> None:
+        start = time.perf_counter()
+        try:
+            t, device, dtype = self.transformer, self.device, self.dtype
+            weights = self.weights.block(self.names[-1], self.fuse_ffn)
+            half = t.config.dim // t.config.n_heads // 2
+            tokens = WARM_UP_TOKENS if device.type == "cuda" else 32
+            # constant inputs: the global random generator is not touched
+            x = torch.full((1, tokens, t.config.dim), 0.01, device=device, dtype=dtype)
+            cos = torch.ones(1, tokens, 1, half, device=device)
+            sin = torch.zeros(1, tokens, 1, half, device=device)
+            adaln = torch.zeros(1, weights.modulation.weight.shape[1], device=device, dtype=dtype)
+            with torch.inference_mode(inference), torch.no_grad(), backend_context(self.attention):
+                self._mark(x, cos, sin)  # as a generation marks them: one compiled graph serves both
+                self._block(x, None, cos, sin, adaln, weights, self.weights.shape, self.fp8_matmul, self.attention)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            log.info("Z-Image warm-up (%s%s) done in %.2f s.", "compiled, " if self.compiled else "",
+                     self.attention, time.perf_counter() - start)
+        except Exception as err:  # the first image pays its start-up instead; nothing else changes
+            log.warning("Z-Image warm-up failed (%s: %s); the first image will start up instead.",
+                        type(err).__name__, str(err)[:300])
+
+    def wait_warm_up(self) -> None:
+        """Wait for this denoiser's warm-up, and for any other still running: a CUDA graph capture must not overlap
+        another thread's kernels (the first call does this)."""
+        self._warm_up_pending = False
+        for thread in list(_WARM_UPS.values()):
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _mark(self, *tensors):
         if self.compiled:
@@ -140,6 +205,8 @@ class FastDenoiser(Denoiser):
 
     @torch.no_grad()
     def forward(self, ctx: FastContext, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self._warm_up_pending:
+            self.wait_warm_up()
         batch, _, h, w = latents.shape
         if ctx.grid != (batch, h, w):
             self._tables(ctx, batch, h, w)

@@ -103,6 +103,8 @@ class ZImage:
         self.set_speed(speed or SpeedOptions())
         if offload != "none":
             self.set_offload(offload)
+        elif isinstance(self.denoiser, FastDenoiser):  # start-up work off the first image (fast_denoiser.py)
+            self.denoiser.start_warm_up()
         cap_dim = transformer.config.cap_feat_dim
         if text_encoder is not None and text_encoder.config.hidden_size != cap_dim:
             raise ZImageError(

@@ -1,0 +1,107 @@
+"""The warm-up at load (fast_denoiser.py): start-up work done in a thread before the first image, which waits for it
+and is computed exactly as without it; a failed warm-up costs nothing but its log line; under compile the block is
+traced in the warm-up and the first image traces nothing more."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from zimage_core import SpeedOptions, ZImage, fast_denoiser
+
+KW = dict(seed=3, width=64, height=64, steps=2, decode=False)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """No warm-up of this process is taken as done; the warm-up runs on the CPU too."""
+    monkeypatch.setattr(fast_denoiser, "_WARM_UPS", {})
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "1")
+
+
+def _reference(tiny_dir, monkeypatch, speed=None):
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", speed=speed)
+    assert not fast_denoiser._WARM_UPS
+    out = z.generate("a red fox", **KW).latents
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "1")
+    return out
+
+
+def test_not_on_the_cpu_by_default_nor_when_turned_off(tiny_dir, monkeypatch):
+    monkeypatch.setattr(fast_denoiser, "_WARM_UPS", {})
+    monkeypatch.delenv(fast_denoiser.WARM_UP_ENV, raising=False)
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    assert z.denoiser.start_warm_up() is None
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
+    assert z.denoiser.start_warm_up() is None and not fast_denoiser._WARM_UPS
+
+
+def test_first_image_waits_for_the_warm_up_and_is_computed_as_without_it(tiny_dir, fresh, monkeypatch):
+    reference = _reference(tiny_dir, monkeypatch)
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")  # loaded without; its warm-up started by hand below
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "1")
+    calls: list[str] = []
+    main_waits = threading.Event()
+    block = z.denoiser._block
+
+    def recording_block(*args):
+        if threading.current_thread().name == "zimage-warm-up":
+            main_waits.wait()  # the warm-up goes on only once the first call is waiting for it
+        calls.append(threading.current_thread().name)
+        return block(*args)
+
+    z.denoiser._block = recording_block
+    wait = z.denoiser.wait_warm_up
+
+    def signalling_wait():
+        main_waits.set()
+        wait()
+
+    z.denoiser.wait_warm_up = signalling_wait
+    thread = z.denoiser.start_warm_up()
+    assert thread is not None and thread.is_alive()
+    try:
+        out = z.generate("a red fox", **KW).latents
+    finally:
+        main_waits.set()
+        thread.join()
+    assert calls[0] == "zimage-warm-up" and calls.count("zimage-warm-up") == 1, calls[:3]
+    assert torch.equal(out, reference)
+    assert z.denoiser.start_warm_up() is thread, "a second warm-up of the same kind in one process"
+
+
+def test_a_failed_warm_up_is_one_log_line_and_changes_nothing(tiny_dir, fresh, monkeypatch, caplog):
+    reference = _reference(tiny_dir, monkeypatch)
+
+    def broken(self, *args):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(fast_denoiser.TransformerWeights, "block", broken)  # only the warm-up asks before sampling
+    with caplog.at_level(logging.WARNING, logger="zimage_core.fast_denoiser"):
+        z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+        z.denoiser.wait_warm_up()
+    monkeypatch.undo()
+    monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
+    failed = [r for r in caplog.records if "warm-up failed" in r.getMessage()]
+    assert len(failed) == 1 and "out of memory" in failed[0].getMessage()
+    assert torch.equal(z.generate("a red fox", **KW).latents, reference)
+
+
+def test_compiled_block_is_traced_by_the_warm_up_and_not_again(tiny_dir, fresh, monkeypatch):
+    import torch._dynamo
+
+    reference = _reference(tiny_dir, monkeypatch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", speed=SpeedOptions(compile=True))
+    z.denoiser.wait_warm_up()
+    traced = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert traced == 1, "the warm-up did not compile the block"
+    out = z.generate("a red fox", **KW).latents
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == traced, "the first image traced again"
+    assert (out - reference).abs().max().item() <= 1e-5
