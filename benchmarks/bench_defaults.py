@@ -32,24 +32,21 @@ sys.path.insert(0, str(HERE))
 
 
 def child(args) -> int:
-    """A fresh process: load the checkpoint with our loader, time the first and the second generation."""
+    """A fresh process: load the checkpoint with our loader (transformer only), time the first and later images."""
     import torch
 
     sys.path.insert(0, str(HERE.parent))
     from zimage_core import SpeedOptions, ZImage
-    from zimage_core.dtypes import ComponentDtype, resolve_policy
-    from zimage_core.loading import load_transformer
-    from zimage_core.tokenizer import PromptTokenizer, find_tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    start = time.perf_counter()
-    transformer = load_transformer(Path(args.checkpoint), ComponentDtype(dtype, dtype), device)
     speed = SpeedOptions(compile=args.child == "compile", cuda_graph=os.environ.get("BENCH_GRAPHS", "1") == "1",
                          attention=os.environ.get("BENCH_ATTENTION", "auto"))
-    z = ZImage(transformer, None, None, PromptTokenizer(find_tokenizer()), resolve_policy(device, "bf16" if
-               device.type == "cuda" else "fp32"), device, speed=speed)
+    start = time.perf_counter()
+    z = ZImage.load(transformer=args.checkpoint, skip=("text_encoder", "vae"), device=device,
+                    dtype="bf16" if device.type == "cuda" else "fp32", speed=speed)
     load_s = time.perf_counter() - start
+    transformer = z.transformer
     # The load's warm-up thread (fast_denoiser.py) overlaps whatever a workflow does next (the text encoder, the
     # VAE's load); here nothing follows, so what is left of it is waited for and timed on its own.
     start = time.perf_counter()

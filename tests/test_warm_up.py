@@ -19,13 +19,14 @@ KW = dict(seed=3, width=64, height=64, steps=2, decode=False)
 def fresh(monkeypatch):
     """No warm-up of this process is taken as done; the warm-up runs on the CPU too."""
     monkeypatch.setattr(fast_denoiser, "_WARM_UPS", {})
+    monkeypatch.setattr(fast_denoiser, "_PROCESS_WARM_UPS", {})
     monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "1")
 
 
 def _reference(tiny_dir, monkeypatch, speed=None):
     monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
     z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", speed=speed)
-    assert not fast_denoiser._WARM_UPS
+    assert not fast_denoiser._WARM_UPS and not fast_denoiser._PROCESS_WARM_UPS
     out = z.generate("a red fox", **KW).latents
     monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "1")
     return out
@@ -33,11 +34,51 @@ def _reference(tiny_dir, monkeypatch, speed=None):
 
 def test_not_on_the_cpu_by_default_nor_when_turned_off(tiny_dir, monkeypatch):
     monkeypatch.setattr(fast_denoiser, "_WARM_UPS", {})
+    monkeypatch.setattr(fast_denoiser, "_PROCESS_WARM_UPS", {})
     monkeypatch.delenv(fast_denoiser.WARM_UP_ENV, raising=False)
     z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
     assert z.denoiser.start_warm_up() is None
+    assert fast_denoiser.start_process_warm_up("cpu", torch.float32) is None
     monkeypatch.setenv(fast_denoiser.WARM_UP_ENV, "0")
     assert z.denoiser.start_warm_up() is None and not fast_denoiser._WARM_UPS
+    assert not fast_denoiser._PROCESS_WARM_UPS
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_load_starts_the_weight_free_part_first_and_the_model_part_waits_for_it(tiny_dir, fresh, monkeypatch, caplog,
+                                                                                compile):
+    order: list[str] = []
+    process_part = fast_denoiser._process_warm_up
+    model_part = fast_denoiser.FastDenoiser._warm_up
+    from zimage_core import loading
+
+    read = loading.load_component
+
+    def reading(*args, **kwargs):
+        order.append("read " + args[0])
+        return read(*args, **kwargs)
+
+    def process(*args):
+        order.append("process start")
+        process_part(*args)
+        order.append("process done")
+
+    def model(self, *args):
+        model_part(self, *args)
+        order.append("model done")
+
+    monkeypatch.setattr(loading, "load_component", reading)
+    monkeypatch.setattr(fast_denoiser, "_process_warm_up", process)
+    monkeypatch.setattr(fast_denoiser.FastDenoiser, "_warm_up", model)
+    with caplog.at_level(logging.INFO, logger="zimage_core.fast_denoiser"):
+        z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", speed=SpeedOptions(compile=compile))
+        z.denoiser.wait_warm_up()
+    ours = [r for r in caplog.records if r.name == "zimage_core.fast_denoiser"]
+    assert [r.getMessage() for r in ours if r.levelno >= logging.WARNING] == []
+    assert sum("warm-up" in r.getMessage() and "done" in r.getMessage() for r in ours) == 2
+    assert "process start" in order and order.index("process start") < order.index("read transformer")
+    assert order.index("process done") < order.index("model done"), order
+    assert len(fast_denoiser._PROCESS_WARM_UPS) == 1 and len(fast_denoiser._WARM_UPS) == 1
 
 
 def test_first_image_waits_for_the_warm_up_and_is_computed_as_without_it(tiny_dir, fresh, monkeypatch):

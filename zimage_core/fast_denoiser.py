@@ -19,6 +19,7 @@ go through the same fast block function on their higher-precision copy.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from . import compile_cache
 from .attention import backend_context
-from .blocks import block_forward
+from .blocks import BlockShape, BlockWeights, Linear, block_forward
 from .cuda_graphs import StepGraphs, graphs_usable
 from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
 from .weights import TransformerWeights
@@ -41,6 +42,56 @@ _COMPILED = None
 WARM_UP_ENV = "ZIMAGE_WARM_UP"  # 0: never; 1: also on the CPU (tests); unset: on CUDA
 WARM_UP_TOKENS = 1024  # a 512x512 image's tokens: ~100 MB of activations at Z-Image's size, never the real size's
 _WARM_UPS: dict[tuple, threading.Thread] = {}  # per process and kind of call: what a warm-up loads stays loaded
+_PROCESS_WARM_UPS: dict[tuple, threading.Thread] = {}  # the weight-free part, started before the weights load
+
+
+def _warm_up_wanted(device: torch.device) -> bool:
+    wanted = os.environ.get(WARM_UP_ENV, "")
+    return wanted != "0" and (wanted == "1" or device.type == "cuda")
+
+
+def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> threading.Thread | None:
+    """The part of the warm-up that needs no weights, in a thread, once per process: the CUDA libraries' and
+    Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``) and,
+    for ``compile``, importing inductor. ``ZImage.load`` starts it before reading the weights, which it overlaps;
+    the model's own warm-up (``FastDenoiser.start_warm_up``) waits for it."""
+    device = torch.device(device)
+    if not _warm_up_wanted(device):
+        return None
+    key = (str(device), dtype, compile)
+    thread = _PROCESS_WARM_UPS.get(key)
+    if thread is None:
+        thread = _PROCESS_WARM_UPS[key] = threading.Thread(
+            target=_process_warm_up, args=(device, dtype, compile, torch.is_inference_mode_enabled()), daemon=True,
+            name="zimage-warm-up")
+        thread.start()
+    return thread
+
+
+def _process_warm_up(device: torch.device, dtype: torch.dtype, compile: bool, inference: bool) -> None:
+    start = time.perf_counter()
+    try:
+        if compile:
+            importlib.import_module("torch._inductor.compile_fx")  # ~1 s of imports a first compile would pay
+        dim, heads, hidden, tokens = 256, 2, 512, 32  # head size 128 as Z-Image's: the same attention kernels
+
+        def lin(out_features, in_features):
+            return Linear(torch.full((out_features, in_features), 0.01, device=device, dtype=dtype), None, None)
+
+        norms = tuple(torch.ones(n, device=device, dtype=dtype) for n in (dim, dim, dim, dim, 128, 128))
+        weights = BlockWeights(lin(4 * dim, 256), norms, lin(3 * dim, dim), lin(dim, dim),
+                               (lin(hidden, dim), lin(hidden, dim)), lin(dim, hidden))
+        x = torch.full((1, tokens, dim), 0.01, device=device, dtype=dtype)
+        cos, sin = torch.ones(1, tokens, 1, 64, device=device), torch.zeros(1, tokens, 1, 64, device=device)
+        with torch.inference_mode(inference), torch.no_grad():
+            block_forward(x, None, cos, sin, torch.zeros(1, 256, device=device, dtype=dtype), weights,
+                          BlockShape(heads, 1e-5, 1e-5), False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        log.info("Z-Image start-up warm-up done in %.2f s.", time.perf_counter() - start)
+    except Exception as err:
+        log.warning("Z-Image start-up warm-up failed (%s: %s); the first image will start up instead.",
+                    type(err).__name__, str(err)[:300])
 
 
 def compiled_block_forward():
@@ -104,8 +155,7 @@ class FastDenoiser(Denoiser):
     def start_warm_up(self) -> threading.Thread | None:
         """Start the warm-up in a background thread unless one of this kind ran in this process (or ``$ZIMAGE_WARM_UP``
         is 0, or the device is the CPU and it isn't 1). A denoiser's first call waits for it."""
-        wanted = os.environ.get(WARM_UP_ENV, "")
-        if wanted == "0" or (wanted != "1" and self.device.type != "cuda"):
+        if not _warm_up_wanted(self.device):
             return None
         key = self._warm_up_key()
         thread = _WARM_UPS.get(key)
@@ -116,6 +166,8 @@ class FastDenoiser(Denoiser):
         return thread
 
     def _warm_up(self, inference: bool) -> None:
+        for thread in list(_PROCESS_WARM_UPS.values()):  # one thread at a time in Triton's and torch's first calls
+            thread.join()
         start = time.perf_counter()
         try:
             t, device, dtype = self.transformer, self.device, self.dtype
@@ -142,7 +194,7 @@ class FastDenoiser(Denoiser):
         """Wait for this denoiser's warm-up, and for any other still running: a CUDA graph capture must not overlap
         another thread's kernels (the first call does this)."""
         self._warm_up_pending = False
-        for thread in list(_WARM_UPS.values()):
+        for thread in list(_PROCESS_WARM_UPS.values()) + list(_WARM_UPS.values()):
             if thread is not threading.current_thread():
                 thread.join()
 

@@ -18,7 +18,7 @@ import torch
 
 from . import compile_cache, loading, sampler, samplers, vae as vae_ops
 from .denoiser import Denoiser
-from .fast_denoiser import FastDenoiser
+from .fast_denoiser import FastDenoiser, start_process_warm_up
 from .attention import check_backend
 from .fp8 import scaled_mm_available
 from .offload import Offloader, place
@@ -179,6 +179,9 @@ class ZImage:
                 # a split file given with a model folder: that folder's config, not one guessed from shapes
                 parts[name] = (Path(value), model_dir / name)
         policy = resolve_policy(device, dtype, storage, overrides)
+        speed = speed or SpeedOptions()
+        if offload == "none" and speed.fast:  # CUDA's and Triton's start-up while the weights are read
+            start_process_warm_up(device, policy.transformer.compute, speed.compile)
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir)) if "text_encoder" in parts else None
         stats: list = []
         where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
