@@ -18,6 +18,7 @@ when unset).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,6 +41,9 @@ def child(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if os.environ.get("BENCH_WARM_TOKENS"):  # the model warm-up's token count (fast_denoiser.WARM_UP_TOKENS)
+        from zimage_core import fast_denoiser
+        fast_denoiser.WARM_UP_TOKENS = int(os.environ["BENCH_WARM_TOKENS"])
     speed = SpeedOptions(compile=args.child == "compile", cuda_graph=os.environ.get("BENCH_GRAPHS", "1") == "1",
                          attention=os.environ.get("BENCH_ATTENTION", "auto"))
     start = time.perf_counter()
@@ -64,15 +68,22 @@ def child(args) -> int:
         sync()
         steps[-1].append(time.perf_counter())
 
+    profile = os.environ.get("BENCH_PROFILE")  # a file for the first image's operator table (CPU time first)
     for i in range(3):
         sync()
         start = time.perf_counter()
         steps.append([start])
-        z.sample(feats, **kw, callback=step_time if i < 2 and os.environ.get("BENCH_STEPS") == "1" else None)
-        sync()
+        prof = torch.profiler.profile() if profile and i == 0 else None
+        with prof or contextlib.nullcontext():
+            z.sample(feats, **kw, callback=step_time if i < 2 and os.environ.get("BENCH_STEPS") == "1" else None)
+            sync()
         times.append(time.perf_counter() - start)
+        if prof is not None:
+            Path(profile).write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40,
+                                                               max_name_column_width=70))
     out = {"first_s": times[0], "later_s": min(times[1:]), "times_s": times, "load_s": load_s,
-           "warm_wait_s": warm_wait_s}
+           "warm_wait_s": warm_wait_s, "load_stats": [[s.source, s.bytes_read, round(s.seconds, 3)]
+                                                      for s in z.sources.get("load_stats") or []]}
     if os.environ.get("BENCH_STEPS") == "1":
         out["step_s"] = [[round(b - a, 4) for a, b in zip(s, s[1:])] for s in steps[:2]]
     print(json.dumps(out))
@@ -165,6 +176,10 @@ def children_only(args) -> int:
         cache = str(Path(tmp) / "compile_cache")
         variants = {"cold_triton_cache": ("first_image", {}), "default": ("first_image", {"BENCH_STEPS": "1"}),
                     "no_warm_up": ("first_image", {"BENCH_STEPS": "1", "ZIMAGE_WARM_UP": "0"}),
+                    "warm_4096": ("first_image", {"BENCH_STEPS": "1", "BENCH_WARM_TOKENS": "4096"}),
+                    "default_again": ("first_image", {"BENCH_STEPS": "1"}),
+                    "default_profiled": ("first_image", {"BENCH_PROFILE": str(Path(args.out).with_suffix(".txt"))}),
+                    "no_warm_up_again": ("first_image", {"BENCH_STEPS": "1", "ZIMAGE_WARM_UP": "0"}),
                     "compile_fill": ("compile", {"ZIMAGE_COMPILE_CACHE": cache}),
                     "compile": ("compile", {"ZIMAGE_COMPILE_CACHE": cache}),
                     "compile_no_warm_up": ("compile", {"ZIMAGE_COMPILE_CACHE": cache, "ZIMAGE_WARM_UP": "0"})}
@@ -179,6 +194,7 @@ def children_only(args) -> int:
                 res[f"child_{name}_{key[:-2]}_s"] = out[key]
             res[f"child_{name}_start_up_s"] = start_up_s(out)
             res.note(f"child_{name}_times_s", out["times_s"])
+            res.note(f"child_{name}_load_stats", out.get("load_stats"))
             if "step_s" in out:
                 res.note(f"child_{name}_step_s", out["step_s"])
         if args.comfy:
@@ -216,7 +232,8 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated: native_compiled,native_fp8,children,e2e,fp8attn")
     p.add_argument("--child", choices=("first_image", "compile", "native"), help=argparse.SUPPRESS)
     p.add_argument("--variants", default="", help="with --children-only: comma-separated subset of "
-                   "cold_triton_cache,default,no_warm_up,compile_fill,compile,compile_no_warm_up")
+                   "cold_triton_cache,default,no_warm_up,warm_4096,default_again,default_profiled,no_warm_up_again,"
+                   "compile_fill,compile,compile_no_warm_up")
     p.add_argument("--children-only", action="store_true",
                    help="only the new-process timings (ours with variants, and native), on a transformer alone")
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
