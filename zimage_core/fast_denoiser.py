@@ -19,7 +19,6 @@ go through the same fast block function on their higher-precision copy.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import threading
@@ -52,9 +51,11 @@ def _warm_up_wanted(device: torch.device) -> bool:
 
 def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> threading.Thread | None:
     """The part of the warm-up that needs no weights, in a thread, once per process: the CUDA libraries' and
-    Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``) and,
-    for ``compile``, importing inductor. ``ZImage.load`` starts it before reading the weights, which it overlaps;
-    the model's own warm-up (``FastDenoiser.start_warm_up``) waits for it."""
+    Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``, eager
+    even under ``compile``). ``ZImage.load`` starts it before reading the weights, which it overlaps; the model's
+    own warm-up (``FastDenoiser.start_warm_up``) waits for it. Compiling is left to the model's warm-up, after the
+    load: inductor's imports and dynamo's tracing hold Python's lock, and overlapping them with the weights' read
+    made that read 2 s slower on the H200 (``benchmarks/results/first_image_h200.json``)."""
     device = torch.device(device)
     if not _warm_up_wanted(device):
         return None
@@ -71,8 +72,6 @@ def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> 
 def _process_warm_up(device: torch.device, dtype: torch.dtype, compile: bool, inference: bool) -> None:
     start = time.perf_counter()
     try:
-        if compile:
-            importlib.import_module("torch._inductor.compile_fx")  # ~1 s of imports a first compile would pay
         dim, heads, hidden, tokens = 256, 2, 512, 32  # head size 128 as Z-Image's: the same attention kernels
 
         def lin(out_features, in_features):
