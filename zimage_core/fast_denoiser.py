@@ -54,8 +54,9 @@ def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> 
     Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``, eager
     even under ``compile``). ``ZImage.load`` starts it before reading the weights, which it overlaps; the model's
     own warm-up (``FastDenoiser.start_warm_up``) waits for it. Compiling is left to the model's warm-up, after the
-    load: inductor's imports and dynamo's tracing hold Python's lock, and overlapping them with the weights' read
-    made that read 2 s slower on the H200 (``benchmarks/results/first_image_h200.json``)."""
+    load: inductor's imports hold Python's lock, and overlapped with the weights' read they made that read ~2 s
+    slower on the H200 (5.0-5.4 s against 3.0-3.4 s, ``benchmarks/results/first_image_h200.json``) for no net gain
+    (``compile_second_process_h200.json``)."""
     device = torch.device(device)
     if not _warm_up_wanted(device):
         return None
@@ -142,11 +143,14 @@ class FastDenoiser(Denoiser):
         self._warm_up_pending = True  # the first call waits for any warm-up still running
 
     # ------------------------------------------------------------------------------- warm-up at load
-    # A new process's first image used to carry ~1.1 s of start-up on an H200 (benchmarks/results/
-    # first_image_h200.json): the first cuBLAS/cuDNN calls, loading our Triton kernels from their cache, and under
-    # compile importing inductor, hashing torch's and Triton's sources and tracing the block. None of it depends on
-    # the image, so it runs at load, in a thread, on one block and a few tokens, while the loader reads the rest and
-    # the prompt is encoded; the first generation waits for it. It changes no state that a generation reads.
+    # A new process's first image carried 1.0-1.3 s of start-up on an H200 (0.55 s for native ComfyUI's): the first
+    # cuBLAS/cuDNN calls, loading our Triton kernels and torch's lazily loaded kernels, and under compile importing
+    # inductor, hashing torch's and Triton's sources and tracing the block. None of it depends on the image, so it
+    # runs in a thread at load (start_process_warm_up, then this: one step of a 512x512 image), overlapping the
+    # weights' read and whatever the workflow does next (the text encoder's load, the prompt's encoding); the first
+    # generation waits for what is left. It changes no state that a generation reads. Measured
+    # (benchmarks/results/first_image_h200.json, compile_second_process_h200.json): start-up 0.50-0.73 s, of which
+    # 0.36-0.49 s is waited for before the first image when nothing overlaps it.
     def _warm_up_key(self) -> tuple:
         return (str(self.device), self.dtype, self.fp8_matmul, self.attention, self.compiled, self.fuse_ffn,
                 torch.is_inference_mode_enabled())
