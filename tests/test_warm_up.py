@@ -44,6 +44,16 @@ def test_not_on_the_cpu_by_default_nor_when_turned_off(tiny_dir, monkeypatch):
     assert not fast_denoiser._PROCESS_WARM_UPS
 
 
+def test_not_with_a_backend_that_switches_sdpa_for_the_whole_process(tiny_dir, fresh):
+    """``sdpa_kernel`` sets process-wide flags: in the warm-up's thread it would switch the backends of the text
+    encoder or the VAE running meanwhile (flash alone refuses their masks)."""
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", speed=SpeedOptions(attention="math"))
+    assert z.denoiser.start_warm_up() is None and not fast_denoiser._WARM_UPS
+    auto = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    assert auto.denoiser.start_warm_up() is not None
+    auto.denoiser.wait_warm_up()  # done before the next test looks at its log
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_load_starts_the_weight_free_part_first_and_the_model_part_waits_for_it(tiny_dir, fresh, monkeypatch, caplog,
                                                                                 compile):

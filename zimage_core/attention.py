@@ -38,9 +38,15 @@ def check_backend(name: str) -> str:
     return name
 
 
+def sets_global_state(name: str) -> bool:
+    """Whether backend ``name``'s context switches SDPA's backends for the whole process (``sdpa_kernel`` does: a
+    call in another thread, e.g. the warm-up's, would change the backends of whatever runs meanwhile)."""
+    return not (name in ("auto", "sdpa") or name in _KERNELS)
+
+
 def backend_context(name: str):
     """The context a transformer call runs in for backend ``name`` (SDPA's backend choice)."""
-    if name in ("auto", "sdpa") or name in _KERNELS:
+    if not sets_global_state(name):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -29,7 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from . import compile_cache
-from .attention import backend_context
+from .attention import backend_context, sets_global_state
 from .blocks import BlockShape, BlockWeights, Linear, block_forward
 from .cuda_graphs import StepGraphs, graphs_usable
 from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
@@ -49,7 +49,7 @@ def _warm_up_wanted(device: torch.device) -> bool:
     return wanted != "0" and (wanted == "1" or device.type == "cuda")
 
 
-def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> threading.Thread | None:
+def start_process_warm_up(device, dtype: torch.dtype) -> threading.Thread | None:
     """The part of the warm-up that needs no weights, in a thread, once per process: the CUDA libraries' and
     Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``, eager
     even under ``compile``). ``ZImage.load`` starts it before reading the weights, which it overlaps; the model's
@@ -60,17 +60,17 @@ def start_process_warm_up(device, dtype: torch.dtype, compile: bool = False) -> 
     device = torch.device(device)
     if not _warm_up_wanted(device):
         return None
-    key = (str(device), dtype, compile)
+    key = (str(device), dtype)
     thread = _PROCESS_WARM_UPS.get(key)
     if thread is None:
         thread = _PROCESS_WARM_UPS[key] = threading.Thread(
-            target=_process_warm_up, args=(device, dtype, compile, torch.is_inference_mode_enabled()), daemon=True,
+            target=_process_warm_up, args=(device, dtype, torch.is_inference_mode_enabled()), daemon=True,
             name="zimage-warm-up")
         thread.start()
     return thread
 
 
-def _process_warm_up(device: torch.device, dtype: torch.dtype, compile: bool, inference: bool) -> None:
+def _process_warm_up(device: torch.device, dtype: torch.dtype, inference: bool) -> None:
     start = time.perf_counter()
     try:
         dim, heads, hidden, tokens = 256, 2, 512, 32  # head size 128 as Z-Image's: the same attention kernels
@@ -157,8 +157,10 @@ class FastDenoiser(Denoiser):
 
     def start_warm_up(self) -> threading.Thread | None:
         """Start the warm-up in a background thread unless one of this kind ran in this process (or ``$ZIMAGE_WARM_UP``
-        is 0, or the device is the CPU and it isn't 1). A denoiser's first call waits for it."""
-        if not _warm_up_wanted(self.device):
+        is 0, or the device is the CPU and it isn't 1, or the attention backend is chosen by switching SDPA's
+        process-wide flags, which would switch them under the workflow's other models too). A denoiser's first call
+        waits for it."""
+        if not _warm_up_wanted(self.device) or sets_global_state(self.attention):
             return None
         key = self._warm_up_key()
         thread = _WARM_UPS.get(key)

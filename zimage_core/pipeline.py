@@ -181,7 +181,7 @@ class ZImage:
         policy = resolve_policy(device, dtype, storage, overrides)
         speed = speed or SpeedOptions()
         if offload == "none" and speed.fast:  # CUDA's and Triton's start-up while the weights are read
-            start_process_warm_up(device, policy.transformer.compute, speed.compile)
+            start_process_warm_up(device, policy.transformer.compute)
         tok = PromptTokenizer(find_tokenizer(tokenizer, model_dir)) if "text_encoder" in parts else None
         stats: list = []
         where = torch.device("cpu") if offload != "none" else device  # offloaded weights live on the CPU
