@@ -5,11 +5,14 @@ Random real-size weights (transformer, Qwen3-4B, Flux VAE) are built on the GPU;
 as a ComfyUI checkpoint and loaded by ComfyUI's own loader (bf16, and ``fp8_e4m3fn_fast`` as UNETLoader does);
 ComfyUI's sampler runs euler/simple, cfg 1, shift 3. Ours runs the same conditioning through ``ZImage.sample``.
 First calls are timed apart; then rounds interleave every variant and the median is kept. Child processes time
-what a new process pays: the first image with our defaults (Triton's kernel cache warm, as after any earlier run)
-and the compile with a warm compile cache (a first child fills a fresh cache folder, a second one reads it).
+what a new process pays: its load (with ``ZImage.load``, whose warm-up starts in a thread), the rest of the warm-up,
+the first image with our defaults (Triton's kernel cache warm, as after any earlier run) and the compile with a warm
+compile cache (a first child fills a fresh cache folder, a second one reads it); ``--children-only`` runs only
+those, ``--variants`` picks some (with and without the warm-up, a profiled first image, repeats).
 
     python benchmarks/bench_defaults.py --comfy /path/to/ComfyUI --out benchmarks/results/defaults_h200.json
     python benchmarks/bench_defaults.py --comfy /path/to/ComfyUI --smoke --out /tmp/defaults_smoke.json  # CPU
+    python benchmarks/bench_defaults.py --comfy /path/to/ComfyUI --children-only --out benchmarks/results/first_image_h200.json
 
 Needs a Qwen tokenizer folder (``ZIMAGE_TOKENIZER``; ComfyUI's ``comfy/text_encoders/qwen25_tokenizer`` is used
 when unset).
