@@ -259,8 +259,10 @@ def run_inprocess(env: ComfyEnv, out: Path, stall: float | None = None, overall:
 
     out.mkdir(parents=True, exist_ok=True)
     script = Path(__file__).with_name("comfy_inprocess.py")
+    # ZIMAGE_WARM_UP=1: the load's warm-up thread runs inside ComfyUI as it does on a GPU (on the CPU it is off by
+    # default), so every comparison of the nodes' outputs with the core also checks it
     environ = dict(os.environ, ZTURBO_TINY_VAE=env.tiny_vae, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", ZIMAGE_WARM_UP="1")
     log_path = out / "comfy_inprocess.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(script), str(env.root), str(out)], env=environ, stdout=log,

@@ -27,8 +27,13 @@ def comfy_env(tmp_path_factory, tiny_split, tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def run(comfy_env, tmp_path_factory):
-    return run_inprocess(comfy_env, tmp_path_factory.mktemp("inprocess"))
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("inprocess")
+
+
+@pytest.fixture(scope="module")
+def run(comfy_env, run_dir):
+    return run_inprocess(comfy_env, run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +88,14 @@ def test_validation_is_real(results):
     assert bad_steps["valid"] is False
     error = next(iter(bad_steps["node_errors"].values()))["errors"][0]
     assert error["type"] == "value_smaller_than_min" and error["details"] == "steps"
+
+
+def test_the_loaders_warm_up_ran_inside_comfyui(run, run_dir):
+    """The harness turns the warm-up on (it is off on the CPU by default): it ran in ComfyUI's execution (inference
+    mode, our nodes' threads) without a failure, and the nodes' outputs compared with the core below include it."""
+    log = (run_dir / "comfy_inprocess.log").read_text(errors="replace")
+    assert "Z-Image start-up warm-up done" in log and "Z-Image warm-up (auto) done" in log
+    assert "warm-up failed" not in log
 
 
 def test_loader_variants_load_the_same_model(results, tensors):
