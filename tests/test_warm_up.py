@@ -157,3 +157,23 @@ def test_compiled_block_is_traced_by_the_warm_up_and_not_again(tiny_dir, fresh, 
     out = z.generate("a red fox", **KW).latents
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == traced, "the first image traced again"
     assert (out - reference).abs().max().item() <= 1e-5
+
+
+def test_what_moves_or_changes_the_weights_waits_for_running_warm_ups_first(tiny_dir, fresh, monkeypatch):
+    """A warm-up reading a block while its weights move could fuse them again in the wrong place: loading (which may
+    take a model over), offload, LoRA merges and release wait for running warm-ups before they touch the weights."""
+    from zimage_core import pipeline
+
+    events: list[str] = []
+    real = fast_denoiser.wait_warm_ups
+    monkeypatch.setattr(pipeline, "wait_warm_ups", lambda: (events.append("wait"), real()))
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    assert events == ["wait"]
+    offloader = z.offloader
+    for method in ("apply", "finish", "detach"):
+        original = getattr(offloader, method)
+        monkeypatch.setattr(offloader, method, lambda *a, _m=method, _o=original: (events.append(_m), _o(*a)))
+    z.set_offload("model")
+    z._merge_loras()
+    z.release()
+    assert events == ["wait", "wait", "apply", "wait", "finish", "wait", "detach"], events

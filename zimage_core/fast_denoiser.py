@@ -44,6 +44,14 @@ _WARM_UPS: dict[tuple, threading.Thread] = {}  # per process and kind of call: w
 _PROCESS_WARM_UPS: dict[tuple, threading.Thread] = {}  # the weight-free part, started before the weights load
 
 
+def wait_warm_ups() -> None:
+    """Wait for every running warm-up (no-op when none runs). Whatever moves, reloads or re-points the weights calls
+    this first: a warm-up reading a block while its weights move could fuse them again in the wrong place."""
+    for thread in list(_PROCESS_WARM_UPS.values()) + list(_WARM_UPS.values()):
+        if thread is not threading.current_thread():
+            thread.join()
+
+
 def _warm_up_wanted(device: torch.device) -> bool:
     wanted = os.environ.get(WARM_UP_ENV, "")
     return wanted != "0" and (wanted == "1" or device.type == "cuda")
@@ -196,9 +204,7 @@ class FastDenoiser(Denoiser):
         """Wait for this denoiser's warm-up, and for any other still running: a CUDA graph capture must not overlap
         another thread's kernels (the first call does this)."""
         self._warm_up_pending = False
-        for thread in list(_PROCESS_WARM_UPS.values()) + list(_WARM_UPS.values()):
-            if thread is not threading.current_thread():
-                thread.join()
+        wait_warm_ups()
 
     def _mark(self, *tensors):
         if self.compiled:

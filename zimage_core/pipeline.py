@@ -18,7 +18,7 @@ import torch
 
 from . import compile_cache, loading, sampler, samplers, vae as vae_ops
 from .denoiser import Denoiser
-from .fast_denoiser import FastDenoiser, start_process_warm_up
+from .fast_denoiser import FastDenoiser, start_process_warm_up, wait_warm_ups
 from .attention import check_backend
 from .fp8 import scaled_mm_available
 from .offload import Offloader, place
@@ -151,6 +151,7 @@ class ZImage:
         instead of read again (``loading.cached_load``), so changing one dtype or the offload mode reloads
         only what changed; the ZImage that had it gives it up. The ComfyUI loader node loads this way.
         """
+        wait_warm_ups()  # a reuse may take over (and convert) a model whose warm-up still reads it
         for what, value in (("model", model), ("transformer", transformer), ("text_encoder", text_encoder),
                             ("vae", vae), ("tokenizer", tokenizer)):
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -204,6 +205,7 @@ class ZImage:
 
     def release(self) -> None:
         """Give the models up: remove the guard's wrappers and the offload hooks (weights stay where they are)."""
+        wait_warm_ups()
         if self.guard is not None:
             self.guard.detach()
             self.guard = None
@@ -233,6 +235,7 @@ class ZImage:
 
     def set_offload(self, mode: str) -> None:
         """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
+        wait_warm_ups()  # the weights move
         self.offloader.apply(mode)
 
     # ---------------------------------------------------------------- LoRA
@@ -291,6 +294,7 @@ class ZImage:
         self._merge_loras()
 
     def _merge_loras(self) -> None:
+        wait_warm_ups()  # the weights change (in place, but a merge may also re-point them)
         self.offloader.finish()  # offloaded weights point at their CPU masters: merge there, where they persist
         for component, model in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
             if model is None:
