@@ -336,10 +336,7 @@ if _TRITON:
         if SINGLE:
             offs = tl.arange(0, BLOCK)
             x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-            scale = _scale_of(tl.reduce(tl.abs(x), 0, _max_nan), RECIPROCAL)  # fp32 product, as torch's
-            tl.store(s_ptr + row, scale)
-            y = _e4m3(_clamp_nan(x * tl.math.div_rn(1.0, scale), MAX))
-            tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
+            _store_e4m3_row(x, q_ptr + row * qs, s_ptr, row, offs, offs < n, MAX, RECIPROCAL)
         else:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, n, BLOCK):
