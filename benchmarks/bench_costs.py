@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, configs, fp8_copy, random_, section, sync  # noqa: E402
+from common import Results, configs, fp8_copy, random_, section, sync, timed_once  # noqa: E402
 
 from zimage_core.fp8 import quantize_activation_rowwise  # noqa: E402
 
@@ -163,21 +163,14 @@ def main() -> int:
         tensors = [torch.randn(10240, 3840, device=device, dtype=torch.bfloat16) for _ in range(40)]
         gib = sum(t.numel() * t.element_size() for t in tensors) / (1 << 30)
 
-        def seconds(fn):
-            sync()
-            start = time.perf_counter()
-            out = fn()
-            sync()
-            return time.perf_counter() - start, out
-
-        s, pageable = seconds(lambda: [t.to("cpu", copy=True) for t in tensors])
+        s, pageable = timed_once(lambda: [t.to("cpu", copy=True) for t in tensors])
         results["host_pageable_out_s_per_gib"] = s / gib
-        s, _ = seconds(lambda: [t.copy_(c) for t, c in zip(tensors, pageable)])
+        s, _ = timed_once(lambda: [t.copy_(c) for t, c in zip(tensors, pageable)])
         results["host_pageable_back_s_per_gib"] = s / gib
         del pageable
-        s, pinned = seconds(lambda: [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors])
+        s, pinned = timed_once(lambda: [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors])
         results["host_pinned_out_s_per_gib"] = s / gib
-        s, _ = seconds(lambda: [t.copy_(c) for t, c in zip(tensors, pinned)])
+        s, _ = timed_once(lambda: [t.copy_(c) for t, c in zip(tensors, pinned)])
         results["host_pinned_back_s_per_gib"] = s / gib
 
     @section("attention")

@@ -270,7 +270,7 @@ def main() -> int:
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    from common import Results, build_models, fp8_copy, rel_l2
+    from common import Results, build_models, fp8_copy, rel_l2, timed_once
 
     from zimage_core import SpeedOptions, ZImage, attention as attention_mod
     from zimage_core.dtypes import resolve_policy
@@ -349,17 +349,10 @@ def main() -> int:
         variants["ours_end_to_end"] = lambda: ours["ours_default"].generate(
             "a red fox in fresh snow at sunrise", **kw).images
 
-    def timed(fn):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - start, out
-
     outs = {}
     for name, fn in list(variants.items()):
         try:
-            res[f"{name}_first_call_s"], outs[name] = timed(fn)
+            res[f"{name}_first_call_s"], outs[name] = timed_once(fn)
             if name.startswith("ours_") and name != "ours_end_to_end":
                 fn()  # a key's second generation captures its CUDA graph (cuda_graphs.py): not in the timed rounds
         except Exception as err:  # an optional kernel that fails here must not lose the other numbers
@@ -371,7 +364,7 @@ def main() -> int:
     times = {name: [] for name in variants}
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(reversed(variants))):
-            seconds, outs[name] = timed(variants[name])
+            seconds, outs[name] = timed_once(variants[name])
             times[name].append(seconds)
     m = {}
     for name, values in times.items():

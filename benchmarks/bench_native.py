@@ -239,6 +239,7 @@ def main() -> int:
     import comfyui_version
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
     from comfy_extras.nodes_torch_compile import TorchCompileModel
+    from common import rel_l2, timed_once
 
     accel_mod = load_pack()
     device = comfy.model_management.get_torch_device()
@@ -270,16 +271,7 @@ def main() -> int:
 
     def timed(model):
         comfy.model_management.soft_empty_cache()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = sample(model)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
-    def rel_l2(a, b):
-        return ((a - b).norm() / b.norm()).item()
+        return timed_once(lambda: sample(model))
 
     lora = comfy.sd.load_lora_for_models(base, None, random_lora(base, args.rank), 1.0, 0)[0]
     groups = {}

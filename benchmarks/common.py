@@ -129,6 +129,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+def timed_once(fn) -> tuple[float, object]:
+    """(seconds, result) of one synchronised call of ``fn``."""
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
 def timed(fn, warmup: int = 1, repeat: int = 3) -> tuple[float, list[float]]:
     """Median seconds of ``repeat`` synchronised runs after ``warmup`` runs."""
     for _ in range(warmup):
