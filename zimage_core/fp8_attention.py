@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attention as _attention
+from .fp8 import E4M3_MAX
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs may lack it
     import triton
@@ -90,7 +91,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EMULATE = _INTERPRET  # round to e4m3 with our own arithmetic (the interpreter's fp32 -> fp8 cast is wrong)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HEAD_DIMS = (16, 32, 64, 128, 256)
-E4M3_MAX = 448.0
 P_SCALE = 256.0  # P in [0, 1] times this before its e4m3 rounding (see the docstring for the measurement)
 PAD = 128  # token dims of the quantized tensors are padded to a multiple of this (>= every BLOCK_M/BLOCK_N)
 LOG2E = 1.4426950408889634
