@@ -66,7 +66,7 @@ def _checks() -> dict:
             return fn(*args)
 
     calls = {}
-    for name in ("rms_norm", "residual", "silu_mul", "qk_norm_rope", "rope"):  # count what the dispatch calls
+    for name in ("rms_norm", "residual", "silu_mul", "qk_norm_rope", "rope", "_qk_planes"):  # what the dispatch calls
         fn = getattr(kernels, name)
 
         def counted(*a, _fn=fn, _name=name, **k):
@@ -251,14 +251,27 @@ def _checks() -> dict:
             res[f"fp8_block_{name}_{tag}"] = dict(_err(ours, reference(blocks.block_forward, *args)),
                                                   quantize_rows_calls=quantized["n"] - before)
     kernels.quantize_rows = plain_quantize
-    # under torch.compile the kernels step aside: dynamo traces the plain torch ops (backend "eager": no C++ build)
-    x = rnd(2, 11, dim)
+    # under torch.compile the row kernels step aside (dynamo traces the plain torch ops, which inductor fuses) and
+    # the q/k norm + RoPE is our kernel as one opaque op (kernels.qk_norm_rope_op); backend "eager" runs the traced
+    # graph as it is, inductor (C++ on the CPU) calls the op from its generated code
     ang = torch.rand(2, 11, 1, head_dim // 2, generator=g) * 6.28
-    args = (x, None, ang.cos(), ang.sin(), rnd(2, min(dim, 256)), owner.block("layers.0"), owner.shape, False)
-    before = dict(calls)
-    compiled = torch.compile(blocks.block_forward, backend="eager", fullgraph=True)(*args)
-    res["compiled"] = dict(_err(compiled, reference(blocks.block_forward, *args)),
-                           calls={k: calls.get(k, 0) - before.get(k, 0) for k in calls})
+    qkv = rnd(2, 11, 3, 2, head_dim, dtype=torch.bfloat16)
+    wq, wk = rnd(head_dim, dtype=torch.bfloat16) + 1, rnd(head_dim, dtype=torch.bfloat16) + 1
+    res["qk_op_opcheck"] = {k: str(v) for k, v in torch.library.opcheck(
+        torch.ops.zimage.qk_norm_rope.default, (qkv, wq, wk, 1e-5, ang.cos(), ang.sin())).items()}
+    for dt, backend in ((torch.float32, "eager"), (torch.bfloat16, "eager"), (torch.float32, "inductor")):
+        tag = str(dt).split(".")[-1]
+        args = (rnd(2, 11, dim, dtype=dt), None, ang.cos(), ang.sin(), rnd(2, min(dim, 256), dtype=dt),
+                owner.block("layers.0"), owner.shape, False)
+        if dt != torch.float32:
+            args = args[:5] + (owner.block("layers.0", module=owner.high_precision_copy(
+                "layers.0", owner.blocks["layers.0"], dt)),) + args[6:]
+        torch._dynamo.reset()
+        before = dict(calls)
+        with torch.no_grad():  # inference, as the samplers run it (with gradients on, the traced torch ops stay)
+            compiled = torch.compile(blocks.block_forward, backend=backend, fullgraph=True)(*args)
+        res[f"compiled_{backend}_{tag}"] = dict(_err(compiled, reference(blocks.block_forward, *args)),
+                                                calls={k: calls.get(k, 0) - before.get(k, 0) for k in calls})
     # and with the kernels switched off, the dispatch calls none of them
     before = dict(calls)
     with kernels.enabled(False):
@@ -323,7 +336,7 @@ def test_block_forward_with_kernels_matches_without(measured, dtype, name):
     m = measured[f"block_{name}_{dtype}"]
     # every fused spot was taken: first norm, q/k norm + RoPE, residual (x2), SiLU·gate
     used = {k: v for k, v in m["calls"].items() if v}
-    assert used == {"rms_norm": 1, "qk_norm_rope": 1, "residual": 2, "silu_mul": 1}, m["calls"]
+    assert used == {"rms_norm": 1, "qk_norm_rope": 1, "_qk_planes": 1, "residual": 2, "silu_mul": 1}, m["calls"]
     assert m["finite"], m
     if dtype == "float32":
         assert m["max_abs"] <= 1e-5, m
@@ -366,9 +379,26 @@ def test_fp8_block_with_kernels_matches_torch(measured, dtype, name):
     assert m["rel_l2"] <= 2e-2, m  # fp8 matmuls of inputs that differ by kernel ulps (rare e4m3 flips)
 
 
-def test_kernels_step_aside_when_compiling_or_off(measured):
-    assert all(v == 0 for v in measured["compiled"]["calls"].values()), measured["compiled"]
-    assert measured["compiled"]["max_abs"] == 0.0, measured["compiled"]  # the plain torch ops, traced
+@pytest.mark.parametrize("case", ["eager_float32", "eager_bfloat16", "inductor_float32"])
+def test_compiled_block_takes_only_the_qk_kernel(measured, case):
+    """Compiled, the block calls our q/k norm + RoPE kernel once, through the custom op, and no row kernel."""
+    m = measured[f"compiled_{case}"]
+    used = {k: v for k, v in m["calls"].items() if v}
+    assert used == {"_qk_planes": 1}, m["calls"]
+    assert m["finite"], m
+    if case.endswith("float32"):
+        assert m["max_abs"] <= 1e-5, m
+    else:
+        assert m["rel_l2"] <= 1e-3, m
+
+
+def test_qk_op_passes_opcheck(measured):
+    """The custom op's schema, fake (meta) implementation and dispatch agree with what the kernel returns."""
+    checks = measured["qk_op_opcheck"]
+    assert checks and all(v == "SUCCESS" for v in checks.values()), checks
+
+
+def test_kernels_step_aside_when_off(measured):
     assert all(v == 0 for v in measured["off"]["calls"].values()), measured["off"]
 
 

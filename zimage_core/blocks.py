@@ -46,9 +46,21 @@ class BlockShape(NamedTuple):
     qk_eps: float  # the q/k norms' epsilon (diffusers: 1e-5; ComfyUI: float32's machine epsilon)
 
 
+def _attr(module, name: str):
+    """``getattr(module, name, None)`` for an ``nn.Module`` without raising inside ``Module.__getattr__`` for a
+    missing name (a raised and caught AttributeError is most of a lookup's cost; the views are read per call)."""
+    d = module.__dict__
+    if name in d:
+        return d[name]
+    for store in ("_parameters", "_buffers", "_modules"):
+        if name in d.get(store, ()):
+            return d[store][name]
+    return getattr(type(module), name, None)
+
+
 def linear_of(module) -> Linear:
     """The ``Linear`` view of an ``nn.Linear``-like module (fp8 ones carry ``weight_scale``)."""
-    return Linear(module.weight, getattr(module, "weight_scale", None), module.bias)
+    return Linear(module.weight, _attr(module, "weight_scale"), module.bias)
 
 
 def original_block_weights(block) -> BlockWeights:
@@ -124,6 +136,8 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
     if fused and _kernels.qk_supported(qkv, cos):
         (q, k), v = _kernels.qk_norm_rope(qkv, n_q, n_k, qk_eps, cos, sin), qkv[:, :, 2]
+    elif _kernels.in_graph(x) and _kernels.qk_supported(qkv, cos):  # compiled: our kernel as one op (kernels.py)
+        (q, k), v = _kernels.qk_norm_rope_op(qkv, n_q, n_k, qk_eps, cos, sin), qkv[:, :, 2]
     else:
         q, k, v = qkv.unbind(2)
         q = rope(rms(q, n_q, qk_eps), cos, sin)
