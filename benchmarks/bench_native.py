@@ -197,16 +197,46 @@ def profile_samples(path, variants, timed, metrics) -> None:
     for name, model in variants.items():
         timed(model)
         wall, _ = timed(model)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only: CPU ops would count them twice
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels (and runtime calls): no CPU ops
             timed(model)
         events = prof.key_averages()
         kernels = sum(e.device_time_total for e in events) / 1e6
+        idle, gaps = device_gaps(prof.events())
         metrics[f"{name}_wall_s"] = wall
         metrics[f"{name}_kernels_s"] = kernels
         metrics[f"{name}_gpu_busy_fraction"] = kernels / wall
+        metrics[f"{name}_idle_between_kernels_s"] = idle
         with open(path, "a") as f:
-            f.write(f"\n=== {name}: one sample, wall {wall:.3f} s (unprofiled), kernels {kernels:.3f} s\n")
+            f.write(f"\n=== {name}: one sample, wall {wall:.3f} s (unprofiled), kernels {kernels:.3f} s, "
+                    f"idle between its first and last kernel {idle:.4f} s\n")
             f.write(events.table(sort_by="cuda_time_total", row_limit=25))
+            f.write("\nidle gaps of 50 us or more between kernels, in time order (ms from the first kernel, gap "
+                    "in us, kernel before -> kernel after, host runtime calls meanwhile):\n")
+            for at, gap, before, after, host in gaps:
+                f.write(f"{at:9.2f} {gap:8.1f}  {before[:50]} -> {after[:50]}  [{host}]\n")
+
+
+def device_gaps(events, least_us: float = 50.0):
+    """(seconds the GPU sat idle between its first and last kernel, the gaps of ``least_us`` or more in time order):
+    from a profile's events, kernels by start time; a gap names the host-side runtime calls that ran during it
+    (a sync shows)."""
+    kernels, host = [], []
+    for e in events:
+        start, end = e.time_range.start, e.time_range.end
+        if e.device_type.name == "CUDA":
+            kernels.append((start, end, e.name))
+        elif e.name.startswith("cuda") and end - start > 20:
+            host.append((start, end, e.name))
+    kernels.sort()
+    gaps, idle, reach = [], 0.0, None
+    for (s0, e0, n0), (s1, _, n1) in zip(kernels, kernels[1:]):
+        reach = e0 if reach is None else max(reach, e0)
+        if s1 > reach:
+            idle += s1 - reach
+            if s1 - reach >= least_us:
+                calls = sorted({n for hs, he, n in host if hs < s1 and he > reach})
+                gaps.append(((reach - kernels[0][0]) / 1e3, s1 - reach, n0, n1, ", ".join(calls)))
+    return idle / 1e6, gaps
 
 
 def main() -> int:
