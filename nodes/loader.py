@@ -43,7 +43,7 @@ def _option_inputs() -> list:
                                "on an H100."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the transformer block. Off by default: on an H200 the default fused "
-                                 "kernels are faster (8 steps at 1024²: 0.77 s; compiled 0.79 s). Compiling happens "
+                                 "kernels are as fast (8 steps at 1024²: 0.760 s; compiled 0.763 s). Compiling happens "
                                  "at load, in the background: about 15 s the first time, 4-5 s in later processes "
                                  "(cached); new prompts and seeds don't recompile."),
         io.Combo.Input("offload", options=list(OFFLOAD_MODES), default="none",

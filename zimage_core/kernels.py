@@ -37,8 +37,11 @@ H200, 2e-6 of the gated residual's elements differ by one ulp, rel-L2 1.5e-5 fro
 ``torch.compile`` of the same ops, which skips the intermediate roundings, is 2e-3 to 4e-3 away).
 
 When: only on CUDA tensors (or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``, when forced on —
-the tests), only when Triton imports, never while ``torch.compile`` traces (``torch.compiler.is_compiling()``:
-inductor fuses the plain torch ops itself and must keep seeing them), never for tensors that need gradients.
+the tests), only when Triton imports, never for tensors that need gradients. While ``torch.compile`` traces
+(``torch.compiler.is_compiling()``) the row kernels step aside, since inductor fuses those plain torch ops as fast
+itself; the q/k norm + RoPE, where inductor's fusion took 4x our kernel's time, is called from the compiled graph
+as one custom op (``qk_norm_rope_op``, ``in_graph``; H200, 8 steps at 1024²: compiled blocks 0.791 -> 0.765 s,
+``benchmarks/results/native_h200.json``).
 ``ZIMAGE_KERNELS=0`` turns them off, ``=1`` forces them on (the interpreter tests); ``enabled(...)`` does the
 same from code. Shapes the kernels don't cover (a head dim that is not a power of two, more than four dims) fall
 back to the torch code, silently and correctly.
