@@ -57,6 +57,30 @@ def _warm_up_wanted(device: torch.device) -> bool:
     return wanted != "0" and (wanted == "1" or device.type == "cuda")
 
 
+def _start_once(registry: dict, key: tuple, target, *args) -> threading.Thread:
+    """The warm-up thread of ``key`` in ``registry``, started by the first request for it: what a warm-up loads
+    stays loaded for the process, so a kind of warm-up runs once."""
+    thread = registry.get(key)
+    if thread is None:
+        thread = registry[key] = threading.Thread(target=target, args=args, daemon=True, name="zimage-warm-up")
+        thread.start()
+    return thread
+
+
+def _timed_warm_up(what: str, detail: str, device: torch.device, body) -> None:
+    """Run ``body()`` (a warm-up) and wait for its kernels; log "``what````detail`` done in N s", or, when it
+    raises, one warning "``what`` failed": the first image then pays its start-up instead, nothing else changes."""
+    start = time.perf_counter()
+    try:
+        body()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        log.info("%s%s done in %.2f s.", what, detail, time.perf_counter() - start)
+    except Exception as err:
+        log.warning("%s failed (%s: %s); the first image will start up instead.", what, type(err).__name__,
+                    str(err)[:300])
+
+
 def start_process_warm_up(device, dtype: torch.dtype) -> threading.Thread | None:
     """The part of the warm-up that needs no weights, in a thread, once per process: the CUDA libraries' and
     Triton's start-up (a block of small made-up weights with Z-Image's head size through ``block_forward``, eager
@@ -68,19 +92,12 @@ def start_process_warm_up(device, dtype: torch.dtype) -> threading.Thread | None
     device = torch.device(device)
     if not _warm_up_wanted(device):
         return None
-    key = (str(device), dtype)
-    thread = _PROCESS_WARM_UPS.get(key)
-    if thread is None:
-        thread = _PROCESS_WARM_UPS[key] = threading.Thread(
-            target=_process_warm_up, args=(device, dtype, torch.is_inference_mode_enabled()), daemon=True,
-            name="zimage-warm-up")
-        thread.start()
-    return thread
+    return _start_once(_PROCESS_WARM_UPS, (str(device), dtype), _process_warm_up, device, dtype,
+                       torch.is_inference_mode_enabled())
 
 
 def _process_warm_up(device: torch.device, dtype: torch.dtype, inference: bool) -> None:
-    start = time.perf_counter()
-    try:
+    def body():
         dim, heads, hidden, tokens = 256, 2, 512, 32  # head size 128 as Z-Image's: the same attention kernels
 
         def lin(out_features, in_features):
@@ -94,12 +111,8 @@ def _process_warm_up(device: torch.device, dtype: torch.dtype, inference: bool) 
         with torch.inference_mode(inference), torch.no_grad():
             block_forward(x, None, cos, sin, torch.zeros(1, 256, device=device, dtype=dtype), weights,
                           BlockShape(heads, 1e-5, 1e-5), False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        log.info("Z-Image start-up warm-up done in %.2f s.", time.perf_counter() - start)
-    except Exception as err:
-        log.warning("Z-Image start-up warm-up failed (%s: %s); the first image will start up instead.",
-                    type(err).__name__, str(err)[:300])
+
+    _timed_warm_up("Z-Image start-up warm-up", "", device, body)
 
 
 def compiled_block_forward():
@@ -171,19 +184,14 @@ class FastDenoiser(Denoiser):
         if not _warm_up_wanted(self.device) or sets_global_state(self.attention):
             return None
         key = self._warm_up_key()
-        thread = _WARM_UPS.get(key)
-        if thread is None:
-            thread = _WARM_UPS[key] = threading.Thread(target=self._warm_up, args=(key[-1],), daemon=True,
-                                                       name="zimage-warm-up")
-            thread.start()
-        return thread
+        return _start_once(_WARM_UPS, key, self._warm_up, key[-1])
 
     def _warm_up(self, inference: bool) -> None:
         for thread in list(_PROCESS_WARM_UPS.values()):  # one thread at a time in Triton's and torch's first calls
             thread.join()
-        start = time.perf_counter()
-        try:
-            t, device, dtype = self.transformer, self.device, self.dtype
+        t, device, dtype = self.transformer, self.device, self.dtype
+
+        def body():
             # one step of a small image on its own context: every kernel of a step (the tables, the embedders,
             # the blocks, the final layer) loads; no state a generation reads is touched (no CUDA graph, no guard)
             side = int((WARM_UP_TOKENS if device.type == "cuda" else 16) ** 0.5) * PATCH
@@ -192,13 +200,8 @@ class FastDenoiser(Denoiser):
                 ctx = self._prepare([torch.zeros(32, t.config.cap_feat_dim, device=device, dtype=dtype)])
                 self._tables(ctx, 1, side, side)
                 self._forward(ctx, latents, torch.full((1,), 0.5, device=device))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            log.info("Z-Image warm-up (%s%s) done in %.2f s.", "compiled, " if self.compiled else "",
-                     self.attention, time.perf_counter() - start)
-        except Exception as err:  # the first image pays its start-up instead; nothing else changes
-            log.warning("Z-Image warm-up failed (%s: %s); the first image will start up instead.",
-                        type(err).__name__, str(err)[:300])
+
+        _timed_warm_up("Z-Image warm-up", f" ({'compiled, ' if self.compiled else ''}{self.attention})", device, body)
 
     def wait_warm_up(self) -> None:
         """Wait for this denoiser's warm-up, and for any other still running: a CUDA graph capture must not overlap
