@@ -227,11 +227,15 @@ class ModelHandle:
         return replace(self, guard=policy)
 
     def with_lora(self, path: str, strength: float) -> "ModelHandle":
+        """This handle with one more LoRA; the file is parsed and checked against the model now, so a damaged or
+        foreign LoRA is reported on the LoRA node, before anything merges (the merge happens when a node runs)."""
+        self.zimage.parse_lora(path)
         return replace(self, loras=self.loras + ((path, float(strength)),))
 
     def ready(self, guard_override: str | None = None) -> ZImage:
-        """The model with this handle's LoRAs merged (only what changed since the last run is merged again) and its
-        precision-guard policy (or ``guard_override``) attached."""
+        """The model with this handle's LoRAs merged (only what changed since the last run is merged again: the
+        weights' owner knows what is merged, also when another loader node of the same files merged something else)
+        and its precision-guard policy (or ``guard_override``) attached."""
         zimage = self.zimage
         zimage.set_loras(self.loras)
         if guard_override in (GUARD_FROM_MODEL, LEGACY_GUARD_FROM_MODEL):

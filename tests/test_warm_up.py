@@ -174,6 +174,8 @@ def test_what_moves_or_changes_the_weights_waits_for_running_warm_ups_first(tiny
         original = getattr(offloader, method)
         monkeypatch.setattr(offloader, method, lambda *a, _m=method, _o=original: (events.append(_m), _o(*a)))
     z.set_offload("model")
-    z._merge_loras()
+    out_features, in_features = z.transformer.layers[0].attention.to_out[0].weight.shape
+    z.load_lora({"diffusion_model.layers.0.attention.out.lora_up.weight": torch.full((out_features, 2), 0.01),
+                 "diffusion_model.layers.0.attention.out.lora_down.weight": torch.full((2, in_features), 0.01)})
     z.release()
     assert events == ["wait", "wait", "apply", "wait", "finish", "wait", "detach"], events

@@ -41,6 +41,32 @@ def _check_strength(strength) -> float:
         raise ZImageError(f"LoRA strength {strength!r} is not allowed: use a number in -100..100 (1 is the LoRA as "
                           "trained, 0 turns it off).")
     return float(strength)
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _check_batch(what: str, name: str, value) -> None:
+    if torch.is_tensor(value) and value.ndim >= 1 and value.shape[0] == 0:
+        raise ZImageError(f"{what}: {name} is an empty batch (shape {list(value.shape)}): give at least one item.")
+
+
+def _is_lora_file(source) -> bool:
+    return hasattr(source, "transformer") and hasattr(source, "text_encoder") and hasattr(source, "unmatched")
+
+
+def _lora_key(source) -> tuple:
+    """A LoRA file's identity: its resolved path, size and modification time (a file rewritten in place is a new
+    version); a state dict's object identity."""
+    if isinstance(source, dict):
+        return ("dict", id(source))
+    try:
+        st = os.stat(source)
+    except OSError:
+        return ("path", str(source))  # load_lora names the problem
+    return ("file", os.path.realpath(source), st.st_size, st.st_mtime_ns)
+
+
 # model -> the ZImage using it (weakly both ways): a cached load hands a model to a new ZImage, the old one lets go
 _USERS: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
@@ -95,8 +121,10 @@ class ZImage:
         # parts that need them say so; nothing is loaded twice.
         self.prompt_encoder = PromptEncoder(tokenizer, text_encoder, device=self.device) if text_encoder else None
         self.guard = None
-        self.loras: dict[str, tuple] = {}  # name -> (LoraFile, strength), in the order they apply
+        self.loras: dict[str, tuple] = {}  # name -> (LoraFile, strength), in the order they apply (see load_lora)
+        self._parsed: dict = {}  # file version -> LoraFile (parse_lora)
         self.offloader = Offloader(self)
+        self._offload_mode, self._released = "none", False
         if offload == "none":  # a model taken over from an offloaded ZImage may sit on the CPU
             for model in self.models().values():
                 place(model, self.device)
@@ -204,12 +232,31 @@ class ZImage:
             _USERS[model] = weakref.ref(self)
 
     def release(self) -> None:
-        """Give the models up: remove the guard's wrappers and the offload hooks (weights stay where they are)."""
+        """Give the models up to another ``ZImage``: remove the guard's wrappers and the offload hooks (weights stay
+        where they are). This ZImage keeps its settings and takes the models back when it is used again (``_use``)."""
         wait_warm_ups()
         if self.guard is not None:
             self.guard.detach()
-            self.guard = None
         self.offloader.detach()
+        self._released = True
+
+    def _use(self) -> None:
+        """Before this ZImage's models run: take them back when another ZImage (another loader of the same files)
+        used them since, with this one's guard and offload mode, and bring the shared weights to this ZImage's LoRA
+        list. Nothing happens when this ZImage was the last to run them and its LoRA list is merged."""
+        models = self.models()
+        if self._released or any(_USERS.get(m) is None or _USERS[m]() is not self for m in models.values()):
+            wait_warm_ups()
+            self._adopt(*models.values())
+            self._released = False
+            if self.guard is not None:
+                self.guard.attach(models)
+            if self._offload_mode == "none":
+                for model in models.values():
+                    place(model, self.device)
+            else:
+                self.offloader.apply(self._offload_mode)
+        self._sync_loras()
 
     def set_speed(self, speed: SpeedOptions) -> None:
         """Choose the transformer path: the reference loop, or the fast one with its options."""
@@ -237,74 +284,143 @@ class ZImage:
         """none | model | sequential (see ``offload.py``); switching reloads nothing from disk."""
         wait_warm_ups()  # the weights move
         self.offloader.apply(mode)
+        self._offload_mode = mode
 
     # ---------------------------------------------------------------- LoRA
+    # The LoRAs a ZImage wants live here (``self.loras``: name -> (LoraFile, strength), in the order they apply); the
+    # LoRAs merged into the weights live with the weights' owner (``WeightOwner.applied``), because several ZImages
+    # may share one model (``ZImage.load(reuse=True)``: every loader node of the same files). Before the weights are
+    # used (``_use``), the owner is brought to this ZImage's set; the empty set is the original weights, bit for bit.
     def load_lora(self, source, strength: float = 1.0, name: str | None = None):
         """Merge a LoRA file (every naming ComfyUI maps, and Musubi-tuner's) into the transformer and, when it has
         such keys, the text encoder; returns the parsed ``lora.LoraFile``. Keys that match nothing are logged one
-        by one with their likely cause (``LoraFile.unmatched``). Several LoRAs stack in the order loaded."""
-        lora = source if hasattr(source, "transformer") else self._parse_lora(source)
-        self.loras[name or lora.name] = (lora, _check_strength(strength))
-        self._merge_loras()
+        by one with their likely cause (``LoraFile.unmatched``). Several LoRAs stack in the order loaded; the same
+        file loaded twice stacks twice. The LoRA is registered under ``name`` (default: the file name, with " #2",
+        " #3" ... when that name is taken); see ``lora_names``. A LoRA that fails to parse or merge leaves the model
+        and the list as they were."""
+        strength = _check_strength(strength)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ZImageError(f"LoRA name {name!r} is not allowed: give a non-empty string, or leave it out.")
+        lora = source if _is_lora_file(source) else self.parse_lora(source)
+        wanted = dict(self.loras)
+        wanted[self._free_name(name or lora.name, wanted)] = (lora, strength)
+        self._set_wanted(wanted)
         return lora
+
+    def lora_names(self) -> list[str]:
+        """The names of the loaded LoRAs, in the order they apply (for ``set_lora_strength`` / ``remove_lora``)."""
+        return list(self.loras)
 
     def set_loras(self, loras) -> None:
         """Make the merged LoRAs exactly ``loras``, a list of ``(file, strength)`` in the order they apply: files
-        already loaded are not read again, and nothing is merged when the list is what is merged now (the ComfyUI
-        nodes call this before every run)."""
+        already parsed are not read again, and nothing is merged when the list is what is merged now (the ComfyUI
+        nodes call this before every run). The same file twice stacks twice."""
+        if isinstance(loras, (str, bytes, os.PathLike)) or not isinstance(loras, (list, tuple)):
+            raise ZImageError(f"set_loras takes a list of (file, strength) pairs, got {_describe(loras)}: e.g. "
+                              "set_loras([('style.safetensors', 0.8)]); set_loras([]) removes every LoRA.")
         wanted: dict[str, tuple] = {}
-        for source, strength in loras:
-            key = str(source)
-            while key in wanted:  # the same file twice stacks twice
-                key += "+"
-            lora = self.loras[key][0] if key in self.loras else self._parse_lora(source)
-            wanted[key] = (lora, _check_strength(strength))
-        if [(k, s) for k, (_, s) in wanted.items()] == [(k, s) for k, (_, s) in self.loras.items()]:
-            return
-        self.loras = wanted
-        self._merge_loras()
+        for item in loras:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise ZImageError(f"set_loras: {_describe(item)} is not a (file, strength) pair: give e.g. "
+                                  "('style.safetensors', 1.0).")
+            source, strength = item
+            strength = _check_strength(strength)
+            lora = source if _is_lora_file(source) else self.parse_lora(source)
+            wanted[self._free_name(lora.name, wanted)] = (lora, strength)
+        self._set_wanted(wanted)
 
-    def _parse_lora(self, source):
+    def parse_lora(self, source):
+        """The parsed LoRA file ``source`` (a path), checked against this model's weights; parsed once per file
+        version (path, size and modification time), so a LoRA node can check its file before anything merges."""
         from .lora import load_lora
 
+        if isinstance(source, (bytes, bytearray)) or not isinstance(source, (str, os.PathLike, dict)):
+            raise ZImageError(f"a LoRA must be a path to a .safetensors file, got {_describe(source)}.")
+        key = _lora_key(source)
+        lora = self._parsed.get(key) if key[0] == "file" else None
+        if lora is not None:
+            return lora
+        if not isinstance(source, dict) and Path(source).is_dir():
+            raise ZImageError(f"LoRA {source} is a folder, not a file: give the LoRA's .safetensors file.")
         lora = load_lora(source, shapes=TransformerWeights.of(self.transformer).canonical_shapes(),
                          text_encoder_shapes={n: tuple(p.shape) for n, p in self.text_encoder.named_parameters()}
                          if self.text_encoder is not None else {})
+        lora.key = key
         for line in lora.unmatched_lines():
             log.warning("%s", line)
         if lora.text_encoder and self.text_encoder is None:
             log.warning("%s: its %d text-encoder weights are not applied: this model was loaded without its text "
                         "encoder (apply the LoRA to ComfyUI's CLIP with LoraLoader).", lora.name, len(lora.text_encoder))
+        if key[0] == "file":
+            self._parsed[key] = lora
+        while len(self._parsed) > 16:  # parsed LoRAs hold their tensors: keep the latest few
+            self._parsed.pop(next(iter(self._parsed)))
         return lora
 
     def set_lora_strength(self, name: str, strength: float) -> None:
         """Change a loaded LoRA's strength; the weights are recomputed from their originals (0 restores them)."""
-        if name not in self.loras:
-            raise ZImageError(f"no LoRA named {name!r} is loaded: loaded are {', '.join(self.loras) or 'none'}.")
-        self.loras[name] = (self.loras[name][0], _check_strength(strength))
-        self._merge_loras()
+        self._lora_named(name)
+        wanted = dict(self.loras)
+        wanted[name] = (wanted[name][0], _check_strength(strength))
+        self._set_wanted(wanted)
 
     def remove_lora(self, name: str | None = None) -> None:
         """Remove one LoRA (all with ``None``): the weights it changed get their original values back, bit for bit,
         without reading the checkpoint again."""
-        if name is not None and name not in self.loras:
-            raise ZImageError(f"no LoRA named {name!r} is loaded: loaded are {', '.join(self.loras) or 'none'}.")
-        for key in [name] if name is not None else list(self.loras):
-            del self.loras[key]
-        self._merge_loras()
+        if name is not None:
+            self._lora_named(name)
+        self._set_wanted({k: v for k, v in self.loras.items() if name is not None and k != name})
 
-    def _merge_loras(self) -> None:
-        wait_warm_ups()  # the weights change (in place, but a merge may also re-point them)
-        self.offloader.finish()  # offloaded weights point at their CPU masters: merge there, where they persist
+    def _lora_named(self, name):
+        if not isinstance(name, str) or name not in self.loras:
+            raise ZImageError(f"no LoRA named {name!r} is loaded: loaded are {', '.join(map(repr, self.loras)) or 'none'}.")
+
+    @staticmethod
+    def _free_name(name: str, taken) -> str:
+        free, n = name, 1
+        while free in taken:
+            n += 1
+            free = f"{name} #{n}"
+        return free
+
+    def _set_wanted(self, wanted: dict[str, tuple]) -> None:
+        """Make ``wanted`` this ZImage's LoRA list and merge it; when the merge fails, the list and the weights stay
+        as they were."""
+        previous, self.loras = self.loras, wanted
+        try:
+            self._use()
+        except BaseException:
+            self.loras = previous
+            raise
+
+    def _lora_signature(self, component: str) -> tuple:
+        """This ZImage's LoRA list for ``component`` as ((file version, strength), ...): another ZImage with the same
+        list finds the weights already merged."""
+        return tuple((getattr(lora, "key", None) or ("object", id(lora)), strength)
+                     for lora, strength in self.loras.values() if strength and getattr(lora, component))
+
+    def _lora_patches(self, component: str) -> dict[str, list]:
+        """weight name -> [(Patch, strength, LoRA name)] of this ZImage's LoRA list, in the order they apply."""
+        patches: dict[str, list] = {}
+        for name, (lora, strength) in self.loras.items():
+            if strength:
+                for target, plist in getattr(lora, component).items():
+                    patches.setdefault(target, []).extend((p, strength, name) for p in plist)
+        return patches
+
+    def _sync_loras(self) -> None:
+        """Bring the shared weights to this ZImage's LoRA list (nothing to do when they are there already)."""
         for component, model in (("transformer", self.transformer), ("text_encoder", self.text_encoder)):
             if model is None:
                 continue
-            patches: dict[str, list] = {}
-            for lora, strength in self.loras.values():
-                for target, plist in getattr(lora, component).items():
-                    patches.setdefault(target, []).extend((p, strength) for p in plist)
             owner = TransformerWeights.of(model) if component == "transformer" else WeightOwner.of(model)
-            if owner.merge(patches) and component == "text_encoder":
+            signature = self._lora_signature(component)
+            if signature == owner.applied:
+                continue
+            wait_warm_ups()  # the weights change (in place, but a merge may also re-point them)
+            self.offloader.finish()  # offloaded weights point at their CPU masters: merge there, where they persist
+            owner.apply_loras(signature, self._lora_patches(component))
+            if component == "text_encoder":
                 self.prompt_encoder.clear_cache()
 
     def default_guard_policy(self) -> str:
@@ -332,10 +448,12 @@ class ZImage:
     def encode_prompt(self, prompts: list[str] | str) -> list[torch.Tensor]:
         self._need("text_encoder", "encode the prompt with ComfyUI's CLIPLoader (type lumina2) + CLIPTextEncode, or "
                    "load the text encoder too.")
+        self._use()
         return self.prompt_encoder.encode(prompts)
 
     def sample(self, cap_feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
         kwargs.setdefault("shift", self.shift)
+        self._use()
         self.offloader.before("transformer")
         latents = sampler.sample(self.denoiser, cap_feats, runner=self.guard, **kwargs)
         if getattr(self.denoiser, "compiled", False):
@@ -345,11 +463,15 @@ class ZImage:
     def decode(self, latents: torch.Tensor, **kwargs) -> torch.Tensor:
         self._need("vae", "decode the LATENT with ComfyUI's VAELoader + VAEDecode (or our tiled decode for a native VAE), "
                    "or load the VAE too.")
+        _check_batch("decode", "latents", latents)
+        self._use()
         self.offloader.before("vae")  # the exact tiled decode calls the decoder's parts, not vae.decode
         return vae_ops.decode(self.vae, latents, guard=self.guard, device=self.device, **kwargs)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         self._need("vae", "encode the image with ComfyUI's VAELoader + VAEEncode, or load the VAE too.")
+        _check_batch("encode_image", "image", image)
+        self._use()
         return vae_ops.encode(self.vae, image, device=self.device)
 
     def generate(
@@ -383,6 +505,9 @@ class ZImage:
             negative_prompt=negative_prompt, denoise=denoise, init_image=init_image, decode=decode,
             tiled_decode=tiled_decode, tile_size=tile_size, tile_overlap=tile_overlap)
         samplers.new(sampler)  # an unknown name fails here, before any work
+        if callback is not None and not callable(callback):
+            raise ZImageError(f"callback must be a function called after each step (or None), got "
+                              f"{_describe(callback)}.")
         try:
             cap_feats = self.encode_prompt(prompts)
             negative_feats = self.encode_prompt(negatives) if negatives is not None else None

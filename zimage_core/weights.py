@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .blocks import BlockShape, BlockWeights, Linear, linear_of
+from .errors import ZImageError
 from .fp8 import quantize_rowwise
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, WeightOwner]" = weakref.WeakKeyDictionary()
@@ -51,6 +52,11 @@ class WeightOwner:
         self.sticky: dict[str, torch.dtype] = {}  # block name -> the dtype it runs in
         self._copies: dict[tuple[str, torch.dtype], nn.Module] = {}
         self._originals: dict[str, tuple] = {}  # weight name -> (CPU copy, fp8 scale copy) while a LoRA changes it
+        # The LoRA set merged into the weights now, as ((LoRA key, strength), ...) in order; () = the original weights.
+        # Several ZImages (several loader nodes of the same files) share one model: each states the set it wants
+        # before it runs (``apply_loras``), and this owner brings the weights to exactly that set.
+        self.applied: tuple = ()
+        self._applied_patches: dict[str, list] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> "WeightOwner":
@@ -99,18 +105,36 @@ class WeightOwner:
         scale = getattr(module, "weight_scale", None) if attr == "weight" else None
         return getattr(module, attr), scale
 
-    def merge(self, patches: dict[str, list]) -> int:
-        """Make the weights equal their originals plus ``patches`` (name -> [(Patch, strength)], in order).
+    def apply_loras(self, signature: tuple, patches: dict[str, list]) -> bool:
+        """Bring the weights to the LoRA set ``signature`` (its ``patches``: see ``merge``) unless they are there.
 
-        Weights patched before and not now go back to their originals. Returns how many weights changed."""
-        touched = set(self._originals) | {n for n, plist in patches.items() if any(s for _, s in plist)}
+        All or nothing: when the merge fails (a non-finite result, out of memory), the weights go back to the set
+        merged before and the error is raised. Returns whether anything was merged."""
+        if signature == self.applied:
+            return False
+        previous = self._applied_patches
+        try:
+            self.merge(patches)
+        except BaseException:
+            self.merge(previous)  # every weight recomputed from its original: exactly the set before
+            raise
+        self.applied, self._applied_patches = signature, patches
+        return True
+
+    def merge(self, patches: dict[str, list]) -> int:
+        """Make the weights equal their originals plus ``patches`` (name -> [(Patch, strength, LoRA name)], in order).
+
+        Weights patched before and not now go back to their originals. A merged weight that is not finite (NaN or
+        Inf in the LoRA, or a product beyond the storage dtype's range) raises ``ZImageError`` naming the LoRA and
+        the key; ``apply_loras`` then restores the set before. Returns how many weights changed."""
+        touched = set(self._originals) | {n for n, plist in patches.items() if any(e[1] for e in plist)}
         with torch.no_grad():
-            for name in touched:
+            for name in sorted(touched):
                 weight, scale = self.target(name)
                 if name not in self._originals:
                     self._originals[name] = (_host_copy(weight), None if scale is None else _host_copy(scale))
                 original, original_scale = self._originals[name]
-                active = [(p, s) for p, s in patches.get(name, []) if s]
+                active = [e for e in patches.get(name, []) if e[1]]
                 if not active:  # strength 0 or removed: the original, bit for bit
                     weight.copy_(original)
                     if scale is not None:
@@ -120,18 +144,32 @@ class WeightOwner:
                 merged = original.to(weight.device, copy=True).float()  # never the kept original itself
                 if original_scale is not None:
                     merged = merged * original_scale.to(weight.device).float()
-                for patch, strength in active:
+                for patch, strength, *label in active:
                     view = merged if patch.rows is None else merged.narrow(0, patch.rows[0], patch.rows[1])
                     view += patch.delta(view, strength).to(view.device)
+                    if not bool(torch.isfinite(view).all()):
+                        _not_finite(name, patch, strength, label, "the merged weight is NaN or Inf in fp32")
                 if scale is not None:  # fp8: fresh row scales for the merged weight
                     w8, new_scale = quantize_rowwise(merged)
                     weight.copy_(w8)
                     scale.copy_(new_scale.to(scale.dtype))
                 else:
-                    weight.copy_(merged.to(weight.dtype))
+                    cast = merged.to(weight.dtype)
+                    if not bool(torch.isfinite(cast).all()):
+                        patch, strength, *label = active[-1]
+                        _not_finite(name, patch, strength, label,
+                                    f"the merged weight exceeds {weight.dtype}'s range (the model's storage dtype)")
+                    weight.copy_(cast)
         if touched:
             self.drop_copies()  # sticky high-precision copies were made from the old weights
         return len(touched)
+
+
+def _not_finite(name: str, patch, strength: float, label: list, why: str):
+    lora = label[0] if label else "a LoRA"
+    raise ZImageError(f"{lora}: key {patch.source or name} at strength {strength:g} makes {name} non-finite ({why}). "
+                      "The LoRA file is damaged or its strength too large: re-download or re-export it, or lower "
+                      "the strength. Nothing was merged.")
 
 
 def _host_copy(t: torch.Tensor) -> torch.Tensor:
