@@ -1,21 +1,23 @@
 """ZTurboAccelerate: our block maths, compile and precision guard on ComfyUI's own Z-Image MODEL.
 
-Built like ComfyUI's ``TorchCompileModel``: a clone of the ModelPatcher (``disable_dynamic=True`` where the
-ComfyUI has dynamic VRAM, so weights are resident tensors) with one ``DIFFUSION_MODEL`` wrapper. The wrapper
-runs the NextDiT call through ``zimage_core.native.NativeAccelerator``, which routes each block's forward to our
-maths for the length of the call. Nothing of ComfyUI is replaced or patched outside that call.
+Built like ComfyUI's ``TorchCompileModel``, without its cost: a clone of the ModelPatcher with one
+``DIFFUSION_MODEL`` wrapper that runs the NextDiT call through ``zimage_core.native.NativeAccelerator``, which
+routes each block's forward to our maths for the length of the call. The clone keeps the model as ComfyUI loaded
+it: dynamic VRAM stays on (``TorchCompileModel`` turns it off, which un-does an fp8 ``weight_dtype`` and forces a
+partial legacy load on small cards), the weights keep their dtype and scales, and each weight reaches our maths
+through ComfyUI's own ``cast_bias_weight`` (``adapters.comfy_weights``). An ``OUTER_SAMPLE`` wrapper logs, per
+sampling run, what ran: blocks on our maths and natively, the weights' dtype, and how ComfyUI held them.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 
 from zimage_core import (ATTENTION_BACKENDS, GUARD_POLICIES, NativeAccelerator, ZImageError, fp8_matmul_usable,
                          zimage_reason)
 
-from .adapters import CATEGORY
+from .adapters import CATEGORY, comfy_weights, fp8_auto, loaded_summary, stored_dtype
 from .api import io
 
 log = logging.getLogger("zimage_core")
@@ -26,14 +28,6 @@ def _wrappers_mp():
     import comfy.patcher_extension
 
     return comfy.patcher_extension.WrappersMP
-
-
-def _clone(model):
-    """A clone with resident weights: ComfyUI 0.33's dynamic VRAM streams weights per op (its own compile node
-    clones the same way); older ComfyUIs have no such argument."""
-    if "disable_dynamic" in inspect.signature(model.clone).parameters:
-        return model.clone(disable_dynamic=True)
-    return model.clone()
 
 
 def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graphs: bool = False,
@@ -49,23 +43,34 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
         log.warning("Z-Image Accelerate: cuda_graphs is not applied to ComfyUI's model: a captured graph would "
                     "keep the weights of capture time and silently skip a LoRA or strength change made later; "
                     "compile gives the speed instead.")
-    if fp8_matmul:
-        usable, why = fp8_matmul_usable(diffusion_model, model.load_device)
+    # fp8 matmuls where the user asked, or where ComfyUI itself multiplies in fp8 (fp8_e4m3fn_fast, comfy_quant)
+    wanted = fp8_matmul or fp8_auto(model, diffusion_model)
+    if wanted:
+        usable, why = fp8_matmul_usable(stored_dtype(diffusion_model.layers[0].attention.qkv.weight),
+                                        model.load_device)
         if not usable:
             log.info("Z-Image Accelerate: fp8 matmul is off: %s", why)
-            fp8_matmul = False
+        fp8_matmul = usable
     # ComfyUI 0.33's own blocks clamp fp16 (clamp_fp16); with the guard off ours do the same there.
     native_clamps = hasattr(sys.modules.get(type(diffusion_model).__module__), "clamp_fp16")
     accel = NativeAccelerator(compile=compile, attention=attention, fp8_matmul=fp8_matmul, guard=precision_guard,
-                              native_clamps=native_clamps)
-    clone = _clone(model)
+                              native_clamps=native_clamps, weights=comfy_weights(fp8_matmul))
+    clone = model.clone()  # as loaded: dynamic VRAM, weight dtype and scales stay ComfyUI's
 
-    def wrapper(executor, *args, **kwargs):
-        return accel.call(executor.class_obj, lambda: executor(*args, **kwargs))
+    def diffusion_wrapper(executor, *args, **kwargs):
+        return accel.call(executor.class_obj, lambda: executor(*args, **kwargs), kwargs.get("transformer_options"))
 
-    kind = _wrappers_mp().DIFFUSION_MODEL
-    clone.remove_wrappers_with_key(kind, WRAPPER_KEY)  # a second Accelerate node replaces the first one's options
-    clone.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    def sample_wrapper(executor, *args, **kwargs):
+        accel.reset_counts()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            log.info("Z-Image Accelerate: %s", accel.summary(loaded_summary(clone)))
+
+    wrappers = _wrappers_mp()
+    for kind, wrapper in ((wrappers.DIFFUSION_MODEL, diffusion_wrapper), (wrappers.OUTER_SAMPLE, sample_wrapper)):
+        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)  # a second Accelerate node replaces the first one's options
+        clone.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     return clone, accel
 
 
@@ -77,9 +82,11 @@ class ZTurboAccelerate(io.ComfyNode):
             display_name="Z-Image Turbo Accelerate",
             category=CATEGORY,
             description="Runs ComfyUI's own Z-Image model (UNETLoader) with this pack's transformer blocks: optional "
-                        "compile (seconds, once per process), attention kernel choice, fp8 matmuls for fp8 weights, "
-                        "and the fp16 precision guard. LoRAs, ControlNet patches, samplers and low VRAM keep working: "
-                        "a block our maths can't run exactly runs ComfyUI's own code (logged once).",
+                        "compile, attention kernel choice, fp8 matmuls, and the fp16 precision guard. The model stays "
+                        "as ComfyUI loaded it (dynamic VRAM, low VRAM, fp8 or quantized weights, LoRAs per op): each "
+                        "weight reaches our blocks through ComfyUI's own weight movement, so memory and weight "
+                        "precision are native's. The console says after each run what ran where and on which "
+                        "weights.",
             inputs=[
                 io.Model.Input("model", tooltip="ComfyUI's Z-Image MODEL (UNETLoader, after LoRAs and ModelSampling)."),
                 io.Boolean.Input("compile", default=False,
@@ -97,7 +104,9 @@ class ZTurboAccelerate(io.ComfyNode):
                                        "run just the overflowing blocks in bf16/fp32 (remembered); clamp = ComfyUI's "
                                        "clipping to ±65504 (lossy)."),
                 io.Boolean.Input("fp8_matmul", default=False,
-                                 tooltip="With fp8_e4m3fn weights on a GPU with fp8 tensor cores: multiply in fp8."),
+                                 tooltip="fp8 weights on a GPU with fp8 tensor cores: multiply in fp8 (row-scaled "
+                                         "activations). On by itself where ComfyUI multiplies in fp8 too (weight_dtype "
+                                         "fp8_e4m3fn_fast, comfy_quant fp8 files); this forces it for fp8_e4m3fn."),
             ],
             outputs=[io.Model.Output(tooltip="The same model, accelerated (a clone: the input is unchanged).")],
         )

@@ -15,14 +15,15 @@ Layouts (ComfyUI 0.3.75 and 0.33.0 alike):
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
-from zimage_core import (DOWNLOADS, LATENT_CHANNELS, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, SpeedOptions, ZImage,
-                         ZImageError, to_model_space, to_vae_space)
+from zimage_core import (DOWNLOADS, LATENT_CHANNELS, MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, CastWeights, SpeedOptions,
+                         ZImage, ZImageError, to_model_space, to_vae_space)
 
 from .api import io
 
@@ -208,6 +209,92 @@ def load_model(model_dir: str | None, files: dict[str, str | None], dtype: str, 
     skip = tuple(c for c in ("text_encoder", "vae") if c not in files)
     zimage = ZImage.load(model_dir, **files, device=device, dtype=dtype, reuse=True, skip=skip, **options.load_kwargs())
     return ModelHandle(zimage)
+
+
+# ---------------------------------------------------------------------------- ComfyUI's weights, for Accelerate
+FP8_LAYOUTS = ("TensorCoreFP8E4M3Layout", "TensorCoreFP8Layout")  # comfy_quant float8_e4m3fn (and legacy scaled fp8)
+GPU_NATIVE_LAYOUTS = {"TensorCoreNVFP4Layout": ("nvfp4", (10, 0)), "TensorCoreMXFP8Layout": ("mxfp8", (10, 0))}
+
+
+def comfy_weights(fp8_matmul: bool) -> CastWeights:
+    """The Accelerate node's weight provider: every weight of a block through ComfyUI's ``cast_bias_weight`` just
+    before its use and ``uncast_bias_weight`` right after, with the arguments ComfyUI's own ops pass (its float,
+    fp8 and quantized linear layers), so low VRAM, dynamic VRAM (comfy-aimdo), per-op LoRA and async offload move
+    the weights as they do without our node; and ComfyUI's attention dispatch when another node chose an attention.
+
+    Quantized weights (``QuantizedTensor``): e4m3 (comfy_quant float8_e4m3fn, converted legacy scaled fp8) runs our
+    fp8 matmul on its raw data and scale; nvfp4 and mxfp8 run ComfyUI's own forward on GPUs whose tensor cores take
+    them (compute capability 10.0+), else our maths on the weight dequantized per op, as are the other formats."""
+    import comfy.ldm.modules.attention as comfy_attention
+    import comfy.model_management as mm
+    import comfy.ops
+
+    cast_bias_weight, uncast_bias_weight = comfy.ops.cast_bias_weight, comfy.ops.uncast_bias_weight
+    current = "want_requant" in inspect.signature(cast_bias_weight).parameters  # 0.33: LoRA re-quantizes per op
+
+    def cast(module, x, mode):
+        if mode == "float":  # as ComfyUI's cast ops: the weight in x's dtype, per-op patches applied
+            return cast_bias_weight(module, x, offloadable=True)
+        if mode == "fp8":  # as ComfyUI's fp8 linear: the weight kept in fp8, the bias in x's dtype
+            extra = dict(compute_dtype=mm.lora_compute_dtype(x.device), want_requant=True) if current else {}
+            return cast_bias_weight(module, x, dtype=module.weight.dtype, bias_dtype=x.dtype, offloadable=True,
+                                    **extra)
+        # quantized, as ComfyUI's mixed-precision linear: the QuantizedTensor kept as it is
+        return cast_bias_weight(module, x, offloadable=True, compute_dtype=x.dtype, want_requant=True)
+
+    def quantized(weight):
+        layout = getattr(weight, "_layout_cls", None)
+        if layout in FP8_LAYOUTS:
+            return "raw", None
+        if layout in GPU_NATIVE_LAYOUTS:
+            name, capability = GPU_NATIVE_LAYOUTS[layout]
+            device = weight.device
+            if device.type == "cuda" and torch.cuda.get_device_capability(device) >= capability:
+                return "native", f"{name} weights: this GPU multiplies them natively (ComfyUI's own kernels)"
+        return "dequantize", None
+
+    def raw(weight):
+        if getattr(weight, "_layout_cls", None) not in FP8_LAYOUTS:
+            return None
+        data, scale = weight._qdata, weight._params.scale
+        scale = scale.float()
+        return data, (scale.view(-1, 1) if scale.numel() > 1 else scale)
+
+    def attention(transformer_options, heads):
+        def run(q, k, v, mask):  # ComfyUI's dispatch (it applies the override) on [B, heads, S, head_dim]
+            out = comfy_attention.optimized_attention_masked(q, k, v, heads, mask, skip_reshape=True,
+                                                             transformer_options=transformer_options)
+            return out.view(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
+        return run
+
+    return CastWeights(cast, lambda module, weight, bias, token: uncast_bias_weight(module, weight, bias, token),
+                       quantized=quantized, raw=raw, attention=attention, fp8_matmul=fp8_matmul)
+
+
+def stored_dtype(weight) -> torch.dtype:
+    """The dtype a weight is stored in (a QuantizedTensor's data, not the dtype it stands for)."""
+    return getattr(weight, "_qdata", weight).dtype
+
+
+def fp8_auto(patcher, diffusion_model) -> bool:
+    """Whether ComfyUI itself multiplies this model in fp8: UNETLoader's ``fp8_e4m3fn_fast`` (the model config's
+    fp8 optimization), or comfy_quant e4m3 weights (its quantized linear)."""
+    config = getattr(patcher.model, "model_config", None)
+    if getattr(config, "optimizations", {}).get("fp8", False):
+        return True
+    return getattr(diffusion_model.layers[0].attention.qkv.weight, "_layout_cls", None) in FP8_LAYOUTS
+
+
+def loaded_summary(patcher) -> str:
+    """How ComfyUI holds a model's weights now, e.g. '11.5 of 11.5 GiB on cuda:0, dynamic VRAM'."""
+    gib = 1024 ** 3
+    try:
+        loaded, total = patcher.loaded_size() / gib, patcher.model_size() / gib
+    except Exception:  # noqa: BLE001 - a patcher of another pack may lack these
+        return "loaded size unknown"
+    dynamic = patcher.is_dynamic() if hasattr(patcher, "is_dynamic") else False
+    how = "dynamic VRAM" if dynamic else ("fully loaded" if loaded >= total - 1e-3 else "partly loaded")
+    return f"{loaded:.2f} of {total:.2f} GiB on {patcher.load_device}, {how}"
 
 
 # -------------------------------------------------------------------------------------- ZTURBO_MODEL

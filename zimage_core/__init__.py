@@ -59,10 +59,10 @@ __all__ += ["check_batch_size", "check_denoise", "check_generate_args", "check_g
             "check_output_paths", "check_prompts", "check_seed", "check_tile_args"]
 
 # ComfyUI's own Z-Image model and VAE (appended): our blocks and guard on its NextDiT, our exact tiles on its VAE.
-from .native import NativeAccelerator, fp8_matmul_usable, zimage_reason  # noqa: E402
+from .native import CastWeights, NativeAccelerator, fp8_matmul_usable, zimage_reason  # noqa: E402
 from .vae_convert import ExactTiledDecoder  # noqa: E402
 
-__all__ += ["NativeAccelerator", "fp8_matmul_usable", "zimage_reason", "ExactTiledDecoder"]
+__all__ += ["CastWeights", "NativeAccelerator", "fp8_matmul_usable", "zimage_reason", "ExactTiledDecoder"]
 
 try:  # the experimental "fp8" attention backend registers itself; a torch without custom ops just lacks it
     from . import fp8_attention  # noqa: E402,F401

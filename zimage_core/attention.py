@@ -56,8 +56,12 @@ def backend_context(name: str):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              backend: str = "auto") -> torch.Tensor:
-    """Attention of ``[B, heads, S, head_dim]`` tensors; ``mask`` True where a key may be attended."""
+              backend: str | Callable = "auto") -> torch.Tensor:
+    """Attention of ``[B, heads, S, head_dim]`` tensors; ``mask`` True where a key may be attended (or an additive
+    float mask). ``backend`` is a name, or a function ``(q, k, v, mask) -> [B, heads, S, head_dim]`` given by the
+    caller (ComfyUI's own attention dispatch, when another node chose an attention there)."""
+    if callable(backend):
+        return backend(q, k, v, mask)
     kernel = _KERNELS.get(backend)
     if kernel is not None:
         return kernel(q, k, v, mask)

@@ -25,6 +25,16 @@ from .attention import attention
 from .fp8 import fp8_linear, is_fp8
 
 
+FP16_MAX = 65504.0
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's fp16 clamp (``nan_to_num`` to ±65504; other dtypes unchanged)."""
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
 class Linear(NamedTuple):
     weight: torch.Tensor  # [out, in]: float, or fp8 with ``scale``
     scale: torch.Tensor | None  # fp32 [out, 1] for fp8 weights
@@ -63,14 +73,26 @@ def linear_of(module) -> Linear:
     return Linear(module.weight, _attr(module, "weight_scale"), module.bias)
 
 
+def original_block_modules(block) -> BlockWeights:
+    """The modules of a block in the original checkpoint layout (ComfyUI's ``JointTransformerBlock``), in the places
+    ``BlockWeights`` gives their weights: linear layers, then the norms (whose weight is the norm's)."""
+    attn, ffn = block.attention, block.feed_forward
+    modulation = block.adaLN_modulation[-1] if getattr(block, "modulation", False) else None
+    norms = (block.attention_norm1, block.attention_norm2, block.ffn_norm1, block.ffn_norm2, attn.q_norm, attn.k_norm)
+    return BlockWeights(modulation, norms, attn.qkv, attn.out, (ffn.w1, ffn.w3), ffn.w2)
+
+
+def map_block(modules: BlockWeights, linear, norm) -> BlockWeights:
+    """``modules`` (``original_block_modules``) with ``linear(module)`` for each linear layer and ``norm(module)``
+    for each norm."""
+    modulation, norms, qkv, out, (w1, w3), w2 = modules
+    return BlockWeights(linear(modulation) if modulation is not None else None, tuple(norm(n) for n in norms),
+                        linear(qkv), linear(out), (linear(w1), linear(w3)), linear(w2))
+
+
 def original_block_weights(block) -> BlockWeights:
     """The view of a block in the original checkpoint layout (ComfyUI's ``JointTransformerBlock``), read now."""
-    attn, ffn = block.attention, block.feed_forward
-    modulation = linear_of(block.adaLN_modulation[-1]) if getattr(block, "modulation", False) else None
-    norms = (block.attention_norm1.weight, block.attention_norm2.weight, block.ffn_norm1.weight,
-             block.ffn_norm2.weight, attn.q_norm.weight, attn.k_norm.weight)
-    return BlockWeights(modulation, norms, linear_of(attn.qkv), linear_of(attn.out),
-                        (linear_of(ffn.w1), linear_of(ffn.w3)), linear_of(ffn.w2))
+    return map_block(original_block_modules(block), linear_of, lambda n: n.weight)
 
 
 def original_block_shape(block) -> BlockShape:
@@ -80,7 +102,46 @@ def original_block_shape(block) -> BlockShape:
     return BlockShape(attn.n_local_heads, float(eps), float(qk_eps))
 
 
-def _linear(x: torch.Tensor, lin: Linear, fp8_matmul: bool) -> torch.Tensor:
+class Fetched:
+    """A weight that its owner hands out only around its use: ComfyUI's ``cast_bias_weight`` (then
+    ``uncast_bias_weight``) under low VRAM, dynamic VRAM or per-op LoRA, where the weight is streamed, patched or
+    dequantized per use into a buffer that is reused. ``block_forward`` calls ``get(x)`` just before the op that
+    reads it and ``done()`` right after, and never holds more than two at a time (the q/k norms, or the norms
+    around a residual), as ComfyUI's own ops do with its two offload streams.
+
+    ``get`` returns a ``Linear`` for a linear layer, a tensor for a norm weight. ``dtype`` is the dtype of the
+    weight ``get`` will return (``float8_e4m3fn`` for a raw fp8 weight): ``block_forward`` decides with it, before
+    fetching, whether the kernel that makes the layer's input writes it in fp8."""
+
+    dtype: torch.dtype
+
+    def get(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def done(self) -> None:
+        pass
+
+
+def _take(w, x: torch.Tensor):
+    return w.get(x) if isinstance(w, Fetched) else w
+
+
+def _drop(*ws) -> None:
+    for w in ws:
+        if isinstance(w, Fetched):
+            w.done()
+
+
+def _dtype(lin) -> torch.dtype:
+    return lin.dtype if isinstance(lin, Fetched) else lin.weight.dtype
+
+
+def _linear(x: torch.Tensor, lin, fp8_matmul: bool) -> torch.Tensor:
+    if isinstance(lin, Fetched):
+        try:
+            return _linear(x, lin.get(x), fp8_matmul)
+        finally:
+            lin.done()
     weight, scale, bias = lin
     if is_fp8(weight):
         return fp8_linear(x, weight, scale, bias, fp8_matmul)
@@ -111,53 +172,80 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: BlockShape, fp8_matmul: bool,
-                  backend: str = "auto"):
+                  backend="auto", mod_select: torch.Tensor | None = None, clamp: bool = False):
     """One Z-Image transformer block: ``x`` [B, S, dim], ``cos``/``sin`` [B, S, 1, head_dim / 2] in fp32,
-    ``attn_mask`` None or bool [B, 1, 1, S], ``adaln`` [B, 256] (ignored for unmodulated blocks)."""
+    ``attn_mask`` None, bool [B, 1, 1, S] (True: attend) or an additive float mask, ``adaln`` [B, 256] (ignored for
+    unmodulated blocks). ``weights`` may hold ``Fetched`` weights, each fetched just around its use.
+
+    ``mod_select`` (omni/edit calls): ``adaln`` then has 2B rows, and token ``s`` is modulated by the second half
+    where ``mod_select[s]`` is True, by the first half elsewhere (ComfyUI's ``timestep_zero_index``).
+
+    ``clamp``: ComfyUI's fp16 clamps (``clamp_fp16`` on the attention output, the SwiGLU product and the FFN
+    output, as its ``JointTransformerBlock`` does): the guard's ``clamp`` policy, and what ``off`` runs in fp16 on a
+    ComfyUI whose own blocks clamp (0.33), so turning the guard off never changes native's result."""
     modulation, norms, qkv_w, out_w, ffn_w, w2_w = weights
     heads, eps, qk_eps = shape
     n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
     fused = _kernels.active(x)  # eager CUDA: fused Triton kernels, same roundings (kernels.py); never when compiling
 
     def q8(*linears):  # the kernel making this matmul's input writes it in e4m3 with row scales (fp8 matmul)
-        return fused and fp8_matmul and all(lin.weight.dtype == torch.float8_e4m3fn for lin in linears)
+        return fused and fp8_matmul and all(_dtype(lin) == torch.float8_e4m3fn for lin in linears)
 
-    ffn_linears = (ffn_w,) if isinstance(ffn_w, Linear) else tuple(ffn_w)
+    one_ffn = isinstance(ffn_w, (Linear, Fetched))  # w1|w3 as one matrix, or the pair (w1, w3)
+    ffn_linears = (ffn_w,) if one_ffn else tuple(ffn_w)
+    w = _take(n_attn1, x)
     if modulation is not None:
         mod = _linear(adaln, modulation, False).unsqueeze(1)
+        if mod_select is not None:  # per token: [B, S, 4 * dim]
+            half = mod.shape[0] // 2
+            mod = torch.where(mod_select.view(1, -1, 1), mod[half:], mod[:half])
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        h = (_kernels.rms_norm(x, n_attn1, eps, scale_msa, quantize=q8(qkv_w)) if fused
-             else rms(x, n_attn1, eps) * scale_msa)
+        h = (_kernels.rms_norm(x, w, eps, scale_msa, quantize=q8(qkv_w)) if fused
+             else rms(x, w, eps) * scale_msa)
     else:
-        h = _kernels.rms_norm(x, n_attn1, eps, quantize=q8(qkv_w)) if fused else rms(x, n_attn1, eps)
+        h = _kernels.rms_norm(x, w, eps, quantize=q8(qkv_w)) if fused else rms(x, w, eps)
+    _drop(n_attn1)
     batch, seq, dim = x.shape
     qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
+    wq, wk = _take(n_q, x), _take(n_k, x)
     if fused and _kernels.qk_supported(qkv, cos):
-        (q, k), v = _kernels.qk_norm_rope(qkv, n_q, n_k, qk_eps, cos, sin), qkv[:, :, 2]
+        (q, k), v = _kernels.qk_norm_rope(qkv, wq, wk, qk_eps, cos, sin), qkv[:, :, 2]
     elif _kernels.in_graph(x) and _kernels.qk_supported(qkv, cos):  # compiled: our kernel as one op (kernels.py)
-        (q, k), v = _kernels.qk_norm_rope_op(qkv, n_q, n_k, qk_eps, cos, sin), qkv[:, :, 2]
+        (q, k), v = _kernels.qk_norm_rope_op(qkv, wq, wk, qk_eps, cos, sin), qkv[:, :, 2]
     else:
         q, k, v = qkv.unbind(2)
-        q = rope(rms(q, n_q, qk_eps), cos, sin)
-        k = rope(rms(k, n_k, qk_eps), cos, sin)
+        q = rope(rms(q, wq, qk_eps), cos, sin)
+        k = rope(rms(k, wk, qk_eps), cos, sin)
+    _drop(n_q, n_k)
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
     o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
+    o = clamp_fp16(o) if clamp else o
+    w2, wf1 = _take(n_attn2, x), _take(n_ffn1, x)
     if fused:  # residual, gate and the FFN's norm in one pass
-        x, h = _kernels.residual(x, o, n_attn2, eps, gate_msa if modulation is not None else None, n_ffn1, eps,
+        x, h = _kernels.residual(x, o, w2, eps, gate_msa if modulation is not None else None, wf1, eps,
                                  scale_mlp if modulation is not None else None, quantize_next=q8(*ffn_linears))
     else:
-        o = rms(o, n_attn2, eps)
+        o = rms(o, w2, eps)
         x = x + gate_msa * o if modulation is not None else x + o
-        h = rms(x, n_ffn1, eps)
+        h = rms(x, wf1, eps)
         h = h * scale_mlp if modulation is not None else h
-    if isinstance(ffn_w, Linear):
+    _drop(n_attn2, n_ffn1)
+    if one_ffn:
         g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
     else:
         g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    f = _linear(_kernels.silu_mul(g1, g3, quantize=q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+    if clamp:  # the product clamped before w2 (no fused fp8 input then), and w2's output
+        f = clamp_fp16(_linear(clamp_fp16(_kernels.silu_mul(g1, g3) if fused else F.silu(g1) * g3), w2_w,
+                               fp8_matmul))
+    else:
+        f = _linear(_kernels.silu_mul(g1, g3, quantize=q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+    w = _take(n_ffn2, x)
     if fused:
-        return _kernels.residual(x, f, n_ffn2, eps, gate_mlp if modulation is not None else None)
-    f = rms(f, n_ffn2, eps)
-    return x + gate_mlp * f if modulation is not None else x + f
+        x = _kernels.residual(x, f, w, eps, gate_mlp if modulation is not None else None)
+    else:
+        f = rms(f, w, eps)
+        x = x + gate_mlp * f if modulation is not None else x + f
+    _drop(n_ffn2)
+    return x

@@ -34,7 +34,7 @@ from .weights import WeightOwner, transformer_blocks
 
 log = logging.getLogger("zimage_core")
 from .options import GUARD_POLICIES as POLICIES
-FP16_MAX = 65504.0
+from .blocks import FP16_MAX, clamp_fp16 as _nan_to_num  # noqa: E402
 
 
 class PrecisionOverflow(ZImageError):
@@ -92,12 +92,6 @@ def _flag_to_host(flag: torch.Tensor) -> tuple[torch.Tensor, object]:
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
-
-
-def _nan_to_num(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype != torch.float16:
-        return x
-    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
 
 
 def guarded_blocks(component: str, model: nn.Module) -> dict[str, nn.Module]:

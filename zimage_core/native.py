@@ -7,17 +7,21 @@ call of that ``_forward`` with each block's ``forward`` routed to ``run_block`` 
 instance attribute is removed afterwards), so everything between the blocks stays ComfyUI's own code and the
 block patches run unchanged.
 
-``run_block`` reads the block's weights now, in ComfyUI's layout (``blocks.original_block_weights``): a LoRA
-patched onto the weights by the ModelPatcher, at any strength, is what it multiplies by. A block runs natively
-(ComfyUI's own forward, one log line per reason) whenever our maths could give another answer:
+**Weights.** ``run_block`` asks a *weight provider* for each block's weights, in ComfyUI's layout. The default,
+``ModuleWeights``, reads plain tensors on the compute device from the modules now (a LoRA patched onto the weights
+by the ModelPatcher, at any strength, is what it multiplies by). The ComfyUI node gives a provider that gets each
+weight the way ComfyUI asks custom nodes to (``comfy.ops.cast_bias_weight`` just before its use, then
+``uncast_bias_weight``: ``blocks.Fetched``), so partly loaded models, dynamic VRAM, per-op LoRA, async offload and
+quantized weights run our maths around ComfyUI's own weight movement, with no second copy of any weight. A
+provider may still decline a block (a format it can't run exactly): that block runs ComfyUI's own forward, with
+one log line per reason, counted in ``report()``.
 
-- its weights are not plain tensors on the compute device: partly loaded models (low VRAM: ComfyUI casts and
-  moves them per op), dynamic VRAM (``_v``), per-call weight functions (a LoRA applied per op under low VRAM),
-  quantized tensors (``QuantizedTensor``), legacy scaled fp8 layers;
-- another pack replaced the block's ``forward`` (an object patch) or overrides attention
-  (``optimized_attention_override``), or the call is an omni/edit call (``timestep_zero_index``), or an
-  attention mask is given (ComfyUI's padded-batch masks);
-- the model is not Z-Image's NextDiT (Lumina 2's SiLU-modulated blocks).
+**Calls.** Omni/edit calls (``timestep_zero_index``: two adaLN rows per sample, chosen per token range) run our
+maths with per-token modulation (``block_forward``'s ``mod_select``). ComfyUI's attention mask (0.3.75 passes the
+caption mask to the caption refiner) is added to the attention logits as ComfyUI's own attention does; a mask for a
+batch of several items runs natively, as ComfyUI broadcasts it ([1, 1, B, L]). When another node chose an attention
+(``optimized_attention_override``: ``ModelAttentionBackend``, SageAttention packs), the provider's ComfyUI attention
+dispatch runs inside our blocks. Lumina 2 models (SiLU modulation) are refused.
 
 Precision guard (the policies of ``guard.py``): per transformer call one finiteness check of the output; when a
 call is not finite it runs again with a check after every block, and each overflowing block is recomputed from
@@ -38,11 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention, backend_context, check_backend
-from .blocks import _attr, _linear, block_forward, original_block_shape, original_block_weights, rms, rope
+from .blocks import (BlockWeights, Fetched, Linear, _attr, block_forward, map_block, original_block_modules,
+                     original_block_shape, original_block_weights)
 from .dtypes import device_supports, dtype_name
 from .errors import ZImageError
 from .fp8 import is_fp8, scaled_mm_available
-from .guard import FP16_MAX, GuardEvent, PrecisionOverflow, _finite, _nan_to_num
+from .guard import FP16_MAX, GuardEvent, PrecisionOverflow, _finite
 from .options import GUARD_POLICIES
 from .weights import WeightOwner
 
@@ -118,54 +123,164 @@ def weights_reason(block: nn.Module, device: torch.device) -> str | None:
     return None
 
 
-def call_reason(x_mask, timestep_zero_index, transformer_options) -> str | None:
+class ModuleWeights:
+    """The default weight provider: each block's weights read from its modules, when every one is a plain tensor on
+    the compute device (``weights_reason``); otherwise the block runs natively. A provider has ``block(name, block,
+    x) -> (BlockWeights or None, reason or None)`` and ``attention(transformer_options, heads) -> (function or None,
+    reason or None)``."""
+
+    def block(self, name: str, block: nn.Module, x: torch.Tensor):
+        reason = weights_reason(block, x.device)
+        return (None, reason) if reason else (original_block_weights(block), None)
+
+    def attention(self, transformer_options, heads: int):
+        if transformer_options and transformer_options.get("optimized_attention_override") is not None:
+            return None, "another node overrides attention"
+        return None, None
+
+
+class _FetchedLinear(Fetched):
+    """A linear layer's weight through a ``CastWeights`` provider (see there for ``mode``)."""
+
+    __slots__ = ("provider", "module", "mode", "dtype", "scale", "_held")
+
+    def __init__(self, provider, module, mode: str, dtype, scale):
+        self.provider, self.module, self.mode, self.dtype, self.scale = provider, module, mode, dtype, scale
+        self._held = None
+
+    def get(self, x):
+        weight, bias, token = self.provider.cast(self.module, x, self.mode)
+        self._held = (weight, bias, token)
+        if self.mode == "quantized":  # the raw data of a format our matmuls run, else dequantized per op
+            raw = self.provider.raw(weight)
+            if raw is not None:
+                return Linear(raw[0], raw[1], bias)
+            weight = weight.dequantize() if hasattr(weight, "dequantize") else weight
+        if self.scale is not None and self.mode == "float":  # legacy scaled fp8 under per-op LoRA: scale after
+            weight = weight * self.scale.to(device=weight.device, dtype=weight.dtype)
+        return Linear(weight, self.scale if self.mode == "fp8" else None, bias)
+
+    def done(self):
+        held, self._held = self._held, None
+        if held is not None:
+            self.provider.uncast(self.module, *held)
+
+
+class _FetchedNorm(Fetched):
+    __slots__ = ("provider", "module", "dtype", "_held")
+
+    def __init__(self, provider, module, dtype):
+        self.provider, self.module, self.dtype, self._held = provider, module, dtype, None
+
+    def get(self, x):
+        weight, bias, token = self.provider.cast(self.module, x, "float")
+        self._held = (weight, bias, token)
+        return weight
+
+    def done(self):
+        held, self._held = self._held, None
+        if held is not None:
+            self.provider.uncast(self.module, *held)
+
+
+class CastWeights(ModuleWeights):
+    """A weight provider that gets every weight from its owner just around its use, with no copy of its own: the
+    ComfyUI node gives ComfyUI's ``cast_bias_weight``/``uncast_bias_weight`` as ``cast``/``uncast`` (this module
+    imports nothing from ComfyUI), so streamed, partly loaded, per-op-LoRA and quantized weights move exactly as
+    ComfyUI's own ops move them.
+
+    - ``cast(module, x, mode) -> (weight, bias, token)``: the weight on ``x``'s device; ``mode`` is ``"float"`` (in
+      ``x``'s dtype, with any per-op patch applied), ``"fp8"`` (a raw e4m3 weight kept in fp8) or ``"quantized"``
+      (a quantized tensor kept as it is); ``uncast(module, weight, bias, token)`` after the last use.
+    - ``quantized(weight) -> (format, why)``: how a quantized weight runs: ``"raw"`` (``raw`` gives its data for our
+      matmuls), ``"dequantize"`` (per op, our maths in the compute dtype) or ``"native"`` (ComfyUI's own forward,
+      ``why`` says why).
+    - ``raw(weight) -> (data, scale) | None``: e4m3 data with its fp32 scale (a scalar or per row).
+    - ``attention(transformer_options, heads) -> function or None``: ComfyUI's attention dispatch when another node
+      chose an attention.
+
+    A block whose weights are all plain tensors on the compute device is read directly (no per-op calls)."""
+
+    def __init__(self, cast, uncast, quantized=None, raw=None, attention=None, fp8_matmul: bool = True):
+        self.cast, self.uncast = cast, uncast
+        self._quantized, self.raw, self._attention = quantized, raw, attention
+        self.fp8_matmul = fp8_matmul  # raw fp8 weights may multiply in fp8 (else they are cast per op)
+        self._modes: dict[int, tuple] = {}  # id(module) -> (weight identity, mode, dtype, scale, reason)
+
+    def attention(self, transformer_options, heads: int):
+        if transformer_options and transformer_options.get("optimized_attention_override") is not None:
+            if self._attention is None:
+                return None, "another node overrides attention"
+            return self._attention(transformer_options, heads), None
+        return None, None
+
+    def _mode(self, module, x: torch.Tensor):
+        """(mode, dtype get() returns, fp8 scale, reason to run natively) of a linear layer, by its weight now."""
+        weight = module.__dict__["_parameters"]["weight"]
+        key = id(module)
+        cached = self._modes.get(key)
+        functions = bool(module.__dict__.get("weight_function") or module.__dict__.get("bias_function"))
+        if cached is not None and cached[0] is weight and cached[1] == functions:
+            return cached[2:]
+        scale = _attr(module, "scale_weight")
+        data = weight.data if isinstance(weight, nn.Parameter) else weight
+        if type(data) is not torch.Tensor:  # a quantized tensor (comfy_quant, int8, nvfp4, mxfp8 ...)
+            how, why = self._quantized(data) if self._quantized is not None else ("native", "quantized weights")
+            if how == "native":
+                result = (None, None, None, why)
+            elif functions or how == "dequantize":  # a LoRA per op, or a format we dequantize: the compute dtype
+                result = ("quantized", x.dtype, None, None)
+            else:
+                result = ("quantized", torch.float8_e4m3fn, None, None)
+        elif data.dtype == torch.float8_e4m3fn and not functions and self.fp8_matmul:
+            result = ("fp8", torch.float8_e4m3fn, scale, None)
+        else:  # float, e5m2, or fp8 under a per-op LoRA: cast to the compute dtype per op
+            result = ("float", x.dtype, scale, None)
+        self._modes[key] = (weight, functions, *result)
+        return result
+
+    def block(self, name: str, block: nn.Module, x: torch.Tensor):
+        if weights_reason(block, x.device) is None:  # resident plain weights: read them directly
+            return original_block_weights(block), None
+        modules = original_block_modules(block)
+        linears = {}
+        for module in (modules.modulation, modules.qkv, modules.out, *modules.ffn, modules.w2):
+            if module is None:
+                continue
+            mode, dtype, scale, why = self._mode(module, x)
+            if mode is None:
+                return None, why
+            linears[id(module)] = _FetchedLinear(self, module, mode, dtype, scale)
+        return map_block(modules, lambda m: linears[id(m)], lambda m: _FetchedNorm(self, m, x.dtype)), None
+
+
+def call_reason(x: torch.Tensor, x_mask) -> str | None:
     """None when this call of a block may run our maths; otherwise why it runs natively."""
-    if x_mask is not None:
-        return "an attention mask (padded caption batch)"
-    if timestep_zero_index is not None:
-        return "an omni/edit call (reference latents)"
-    if transformer_options and transformer_options.get("optimized_attention_override") is not None:
-        return "another node overrides attention"
+    if x_mask is not None and x_mask.shape[0] != 1:
+        return "an attention mask for a batch (ComfyUI's attention broadcasts it as [1, 1, B, L])"
     return None
 
 
-def clamped_block_forward(x, attn_mask, cos, sin, adaln, weights, shape, fp8_matmul, backend="auto"):
-    """``blocks.block_forward`` with ComfyUI's fp16 clamps (``nan_to_num`` to ±65504 on the attention output, the
-    SwiGLU product and the FFN output): what the ``clamp`` policy runs, and what ``off`` runs in fp16 on a
-    ComfyUI whose own blocks clamp (0.33), so turning the guard off never changes native's result."""
-    modulation, norms, qkv_w, out_w, ffn_w, w2_w = weights
-    heads, eps, qk_eps = shape
-    n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
-    if modulation is not None:
-        scale_msa, gate_msa, scale_mlp, gate_mlp = _linear(adaln, modulation, False).unsqueeze(1).chunk(4, dim=2)
-        h = rms(x, n_attn1, eps) * (1.0 + scale_msa)
-    else:
-        h = rms(x, n_attn1, eps)
-    batch, seq, dim = x.shape
-    q, k, v = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads).unbind(2)
-    q, k = rope(rms(q, n_q, qk_eps), cos, sin), rope(rms(k, n_k, qk_eps), cos, sin)
-    o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
-    o = _nan_to_num(_linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul))
-    o = rms(o, n_attn2, eps)
-    x = x + gate_msa.tanh() * o if modulation is not None else x + o
-    h = rms(x, n_ffn1, eps)
-    h = h * (1.0 + scale_mlp) if modulation is not None else h
-    if isinstance(ffn_w, tuple):
-        g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    else:
-        g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
-    f = rms(_nan_to_num(_linear(_nan_to_num(F.silu(g1) * g3), w2_w, fp8_matmul)), n_ffn2, eps)
-    return x + gate_mlp.tanh() * f if modulation is not None else x + f
+def additive_mask(x_mask, dtype: torch.dtype):
+    """ComfyUI's caption mask as our attention takes it: ComfyUI's own attention adds the [1, L] mask it is given to
+    the logits (a bool mask keeps its meaning: True attends)."""
+    if x_mask is None or x_mask.dtype == torch.bool:
+        return None if x_mask is None else x_mask.view(1, 1, 1, -1)
+    return x_mask.to(dtype).view(1, 1, 1, -1)
 
 
-_COMPILED_CLAMPED = None
+def token_select(timestep_zero_index, seq: int, device) -> torch.Tensor:
+    """bool [seq], True for the tokens ComfyUI modulates with the second half of the adaLN rows (its
+    ``timestep_zero_index`` slices: the image being denoised), False for the others (reference latents)."""
+    select = torch.zeros(seq, dtype=torch.bool)
+    for start, end in timestep_zero_index:
+        select[start:end] = True
+    return select.to(device)
 
 
-def compiled_clamped_block_forward():
-    global _COMPILED_CLAMPED
-    if _COMPILED_CLAMPED is None:
-        _COMPILED_CLAMPED = torch.compile(clamped_block_forward, fullgraph=True, dynamic=None)
-    return _COMPILED_CLAMPED
+def _has_fetched(weights: BlockWeights) -> bool:
+    modulation, norms, qkv, out, ffn, w2 = weights
+    return any(isinstance(w, Fetched) for w in (modulation, *norms, qkv, out, *ffn, w2))
 
 
 def _detached(value):
@@ -184,11 +299,11 @@ class NativeAccelerator:
 
     One object per Accelerate node output (a ModelPatcher clone), shared by every call through it.
     ``native_clamps``: ComfyUI's own blocks clamp fp16 (0.33 does, 0.3.75 does not); with the guard ``off`` our
-    fp16 blocks then clamp the same way.
+    fp16 blocks then clamp the same way. ``weights``: the weight provider (``ModuleWeights`` by default).
     """
 
     def __init__(self, *, compile: bool = False, attention: str = "auto", fp8_matmul: bool = False,
-                 guard: str = "off", native_clamps: bool = False):
+                 guard: str = "off", native_clamps: bool = False, weights=None):
         if guard not in GUARD_POLICIES:
             raise ZImageError(f"precision guard {guard!r} is unknown: use one of {', '.join(GUARD_POLICIES)}.")
         self.compile = bool(compile)
@@ -196,23 +311,29 @@ class NativeAccelerator:
         self.fp8_matmul = bool(fp8_matmul)
         self.policy = guard
         self.native_clamps = bool(native_clamps)
+        self.weights = weights if weights is not None else ModuleWeights()
         self.events: list[GuardEvent] = []
         self.fallbacks: dict[str, str] = {}  # block name -> why it ran natively (last call that did)
         self.native_runs = 0  # blocks run by ComfyUI's forward, over all calls
         self.fast_runs = 0  # blocks run by our maths
+        self.fetched_runs = 0  # of those, blocks whose weights the provider fetched per op (streamed, quantized ...)
+        self.weight_dtypes: dict[str, int] = {}  # dtype of the weights our blocks multiplied by -> matrices
         self.calls = 0
         self.probe_runs = 0
         self.checks = 0
         self._logged: set[str] = set()
         self._probing = False
         self._tables: tuple | None = None  # (freqs_cis, cos, sin) of the last table built
+        self._call_attention = None  # this call's attention: a backend name, or the provider's function
+        self._select: dict = {}  # this call's per-token adaLN choice (omni), by slices and length
 
     # ------------------------------------------------------------------ what may run fast
-    def supported(self, block: nn.Module, x: torch.Tensor, x_mask=None, timestep_zero_index=None,
-                  transformer_options=None) -> tuple[bool, str]:
-        """(whether ``block`` runs our maths on this call, the reason when not)."""
-        reason = call_reason(x_mask, timestep_zero_index, transformer_options) or weights_reason(block, x.device)
-        return reason is None, reason or ""
+    def supported(self, name: str, block: nn.Module, x: torch.Tensor, x_mask=None):
+        """(the block's weights for our maths, or None; the reason when None)."""
+        reason = call_reason(x, x_mask) or self._call_reason
+        if reason:
+            return None, reason
+        return self.weights.block(name, block, x)
 
     def _note_fallback(self, name: str, reason: str) -> None:
         self.native_runs += 1
@@ -222,35 +343,58 @@ class NativeAccelerator:
             log.info("Z-Image Accelerate: block %s (and any other with the same reason) runs ComfyUI's own forward: %s",
                      name, reason)
 
+    def _note(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            log.info("Z-Image Accelerate: %s", message)
+
     def _cos_sin(self, freqs_cis: torch.Tensor):
         cached = self._tables
         if cached is None or cached[0] is not freqs_cis:  # one table per call and stream (same tensor object)
             cached = self._tables = (freqs_cis, *rope_tables(freqs_cis))
         return cached[1], cached[2]
 
-    def _block_fn(self, clamp: bool):
-        if self.compile:
-            from .fast_denoiser import compiled_block_forward
-            return compiled_clamped_block_forward() if clamp else compiled_block_forward()
-        return clamped_block_forward if clamp else block_forward
+    def _mod_select(self, timestep_zero_index, seq: int, device):
+        if timestep_zero_index is None:
+            return None
+        key = (tuple(map(tuple, timestep_zero_index)), seq)
+        if key not in self._select:
+            self._select[key] = token_select(timestep_zero_index, seq, device)
+        return self._select[key]
 
-    def _fast(self, block, x, freqs_cis, adaln, dtype=None):
-        """Our maths on ``block`` (in ``dtype`` when given: a sticky block, weights cast at use)."""
+    def _block_fn(self, eager: bool):
+        if self.compile and not eager:
+            from .fast_denoiser import compiled_block_forward
+            return compiled_block_forward()
+        return block_forward
+
+    def _fast(self, block, weights, x, x_mask, freqs_cis, adaln, tzi=None, dtype=None):
+        """Our maths on ``block`` with ``weights`` (in ``dtype`` when given: a sticky block, weights cast at use)."""
         cos, sin = self._cos_sin(freqs_cis)
-        weights, shape = original_block_weights(block), original_block_shape(block)
-        if self.compile:
-            weights = _detached(weights)
+        shape = original_block_shape(block)
         out_dtype = x.dtype
         if dtype is not None and dtype != x.dtype:
             x = x.to(dtype)
             adaln = adaln.to(dtype) if adaln is not None else None
         clamp = x.dtype == torch.float16 and (self.policy == "clamp" or (self.policy == "off" and self.native_clamps))
         fp8 = self.fp8_matmul and dtype is None
-        if self.compile:
+        mask, select = additive_mask(x_mask, x.dtype), self._mod_select(tzi, x.shape[1], x.device)
+        backend = self._call_attention
+        # compiled code can't call ComfyUI (fetched weights, its attention) and is made for the plain call
+        eager = callable(backend) or mask is not None or select is not None or _has_fetched(weights)
+        if self.compile and eager:
+            self._note("compiled blocks need resident plain weights and plain calls: blocks with streamed or "
+                       "quantized weights, masks, omni calls or another node's attention run eagerly (same maths)")
+        if self.compile and not eager:
+            weights = _detached(weights)
             for t in (x, cos, sin):
                 torch._dynamo.mark_dynamic(t, 1)
         self.fast_runs += 1
-        out = self._block_fn(clamp)(x, None, cos, sin, adaln, weights, shape, fp8, self.attention)
+        self.fetched_runs += _has_fetched(weights)
+        qkv = weights.qkv
+        name = dtype_name(qkv.dtype if isinstance(qkv, Fetched) else qkv.weight.dtype)
+        self.weight_dtypes[name] = self.weight_dtypes.get(name, 0) + 1
+        out = self._block_fn(eager)(x, mask, cos, sin, adaln, weights, shape, fp8, backend, select, clamp)
         return out.to(out_dtype) if out.dtype != out_dtype else out
 
     # ------------------------------------------------------------------ one block
@@ -260,35 +404,35 @@ class NativeAccelerator:
             args[2] if len(args) > 2 else kwargs.get("freqs_cis")
         adaln = args[3] if len(args) > 3 else kwargs.get("adaln_input")
         tzi = args[4] if len(args) > 4 and not isinstance(args[4], dict) else kwargs.get("timestep_zero_index")
-        options = kwargs.get("transformer_options")
-        ok, reason = self.supported(block, x, x_mask, tzi, options)
+        weights, reason = self.supported(name, block, x, x_mask)
         sticky = WeightOwner.of(self._model).sticky.get(name) if self._model is not None else None
-        if ok:
-            out = self._fast(block, x, freqs_cis, adaln, sticky)
+        if weights is not None:
+            out = self._fast(block, weights, x, x_mask, freqs_cis, adaln, tzi, sticky)
         else:
             self._note_fallback(name, reason)
             out = native(*args, **kwargs)
         if self._probing and not _finite(out):
-            out = self._repair(name, block, x, freqs_cis, adaln, sticky, reason if not ok else None)
+            out = self._repair(name, block, x, x_mask, freqs_cis, adaln, tzi, sticky, reason if weights is None else None)
         return out
 
-    def _repair(self, name, block, x, freqs_cis, adaln, tried, native_reason):
+    def _repair(self, name, block, x, x_mask, freqs_cis, adaln, tzi, tried, native_reason):
         if self.policy == "detect":
             self.events.append(GuardEvent("transformer", name, self.calls, "detected", dtype_name(x.dtype)))
             raise PrecisionOverflow(
                 f"fp16 overflow in the transformer at call {self.calls}, block {name}: its output is not finite. "
                 "Set the precision guard to 'auto' to run just that block in higher precision, or load the model "
                 "in bf16/fp32.")
-        if native_reason is not None and weights_reason(block, x.device) is not None:
+        weights, why = self.supported(name, block, x, x_mask)
+        if weights is None:
             raise ZImageError(
-                f"transformer block {name} overflows fp16 and can't be run in higher precision here: {native_reason}. "
+                f"transformer block {name} overflows fp16 and can't be run in higher precision here: {why}. "
                 "Load the model in bf16 or fp32 (UNETLoader weight_dtype / --bf16-unet), or load it fully.")
         if tried is None:
             order = [self.fallback(x.device)] + ([torch.float32] if self.fallback(x.device) != torch.float32 else [])
         else:
             order = [torch.float32] if tried != torch.float32 else []
         for dtype in order:
-            hp = self._fast(block, x.to(dtype), freqs_cis, adaln, dtype)  # finite in dtype?
+            hp = self._fast(block, weights, x.to(dtype), x_mask, freqs_cis, adaln, tzi, dtype)  # finite in dtype?
             back = hp.to(x.dtype)
             if _finite(hp) and not _finite(back):
                 raise ZImageError(
@@ -308,12 +452,16 @@ class NativeAccelerator:
         return torch.bfloat16 if device_supports(torch.bfloat16, device)[0] else torch.float32
 
     # ------------------------------------------------------------------ one transformer call
-    def call(self, diffusion_model: nn.Module, run):
-        """``run()`` (one call of ComfyUI's ``NextDiT._forward``, e.g. the wrapper's executor) with every block
-        routed through ``run_block``, under this accelerator's attention backend and guard."""
+    def call(self, diffusion_model: nn.Module, run, transformer_options: dict | None = None):
+        """``run()`` (one call of ComfyUI's ``NextDiT._forward``, e.g. the wrapper's executor, with these
+        ``transformer_options``) with every block routed through ``run_block``, under this accelerator's attention
+        backend and guard."""
         self._model = diffusion_model
         self.calls += 1
-        self._tables = None
+        self._tables, self._select = None, {}
+        heads = diffusion_model.layers[0].attention.n_local_heads
+        function, self._call_reason = self.weights.attention(transformer_options or {}, heads)
+        self._call_attention = function if function is not None else self.attention
         installed = []
         for name, block in native_blocks(diffusion_model).items():
             if "forward" in block.__dict__:  # another node replaced this block's forward: its code runs
@@ -345,10 +493,11 @@ class NativeAccelerator:
         finally:
             for block in installed:
                 del block.forward
-            self._tables = None
+            self._tables, self._select, self._call_attention = None, {}, None
         return out
 
     _model: nn.Module | None = None
+    _call_reason: str | None = None
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict:
@@ -356,19 +505,38 @@ class NativeAccelerator:
         if self._model is not None:
             sticky = {n: dtype_name(d) for n, d in WeightOwner.of(self._model).sticky.items()}
         return {"policy": self.policy, "calls": self.calls, "checks": self.checks, "probe_runs": self.probe_runs,
-                "fast_blocks": self.fast_runs, "native_blocks": self.native_runs, "fallbacks": dict(self.fallbacks),
-                "sticky": sticky, "events": [asdict(e) for e in self.events]}
+                "fast_blocks": self.fast_runs, "native_blocks": self.native_runs, "fetched_blocks": self.fetched_runs,
+                "weight_dtypes": dict(self.weight_dtypes), "fallbacks": dict(self.fallbacks), "sticky": sticky,
+                "events": [asdict(e) for e in self.events]}
+
+    def summary(self, loaded: str) -> str:
+        """One line for the log after a sampling run: what ran where, on which weights, held how (``loaded``)."""
+        total = self.fast_runs + self.native_runs
+        dtypes = ", ".join(f"{name} ({count})" for name, count in sorted(self.weight_dtypes.items())) or "none"
+        line = (f"{self.fast_runs} of {total} block calls ran our maths on {dtypes} weights"
+                f"{f' ({self.fetched_runs} fetched per op through ComfyUI)' if self.fetched_runs else ''}; "
+                f"ComfyUI holds the model: {loaded}")
+        if self.native_runs:
+            reasons = "; ".join(sorted(set(self.fallbacks.values())))
+            line += f"; {self.native_runs} ran ComfyUI's own forward ({reasons})"
+        return line
+
+    def reset_counts(self) -> None:
+        """Start the counts of ``report`` over (per sampling run)."""
+        self.fast_runs = self.native_runs = self.fetched_runs = 0
+        self.fallbacks.clear()
+        self.weight_dtypes.clear()
 
 
-def fp8_matmul_usable(diffusion_model: nn.Module, device) -> tuple[bool, str]:
-    """Whether fp8 matmuls can run: e4m3 weights in the blocks and fp8 tensor cores on ``device``."""
-    block = diffusion_model.layers[0]
-    if block.attention.qkv.weight.dtype != torch.float8_e4m3fn:
-        return False, f"the weights are {dtype_name(block.attention.qkv.weight.dtype)}, not fp8_e4m3fn"
+def fp8_matmul_usable(weight_dtype: torch.dtype, device) -> tuple[bool, str]:
+    """Whether fp8 matmuls can run: e4m3 weights (``weight_dtype``: the blocks' stored dtype) and fp8 tensor cores
+    on ``device``."""
+    if weight_dtype != torch.float8_e4m3fn:
+        return False, f"the weights are {dtype_name(weight_dtype)}, not fp8_e4m3fn"
     if not scaled_mm_available(device):
         return False, f"{device} has no fp8 matrix multiply"
     return True, ""
 
 
-__all__ = ["NativeAccelerator", "native_blocks", "zimage_reason", "rope_tables", "weights_reason", "call_reason",
-           "clamped_block_forward", "fp8_matmul_usable", "FP16_MAX"]
+__all__ = ["NativeAccelerator", "ModuleWeights", "CastWeights", "native_blocks", "zimage_reason", "rope_tables", "weights_reason",
+           "call_reason", "fp8_matmul_usable", "FP16_MAX"]
