@@ -56,6 +56,8 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
     accel = NativeAccelerator(compile=compile, attention=attention, fp8_matmul=fp8_matmul, guard=precision_guard,
                               native_clamps=native_clamps, weights=comfy_weights(fp8_matmul))
     clone = model.clone()  # as loaded: dynamic VRAM, weight dtype and scales stay ComfyUI's
+    compute = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
+    accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels' start-up, while ComfyUI loads
 
     def diffusion_wrapper(executor, *args, **kwargs):
         return accel.call(executor.class_obj, lambda: executor(*args, **kwargs), kwargs.get("transformer_options"))

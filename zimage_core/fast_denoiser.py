@@ -29,6 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from . import compile_cache
+from . import kernels as _kernels
 from .attention import backend_context, sets_global_state
 from .blocks import BlockShape, BlockWeights, Linear, block_forward
 from .cuda_graphs import StepGraphs, graphs_usable
@@ -113,6 +114,46 @@ def _process_warm_up(device: torch.device, dtype: torch.dtype, inference: bool) 
                           BlockShape(heads, 1e-5, 1e-5), False)
 
     _timed_warm_up("Z-Image start-up warm-up", "", device, body)
+
+
+def start_kernel_warm_up(device, dtype: torch.dtype, dim: int, hidden: int, heads: int, fp8: bool
+                         ) -> threading.Thread | None:
+    """The weight-free start-up of our block maths at a model's own sizes, in a thread, once per process and kind:
+    our Triton kernels for these row sizes (their compiled code is specialized by the row length), cuBLAS's (and
+    with ``fp8`` cuBLASLt's fp8) first matmul and the attention kernels' first call, on 32 tokens. The Accelerate
+    node starts it when it runs, before ComfyUI moves the weights for sampling; the first transformer call waits
+    for it (``wait_warm_ups``). No weight of the model is read, and it holds a few MB."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _warm_up_wanted(device) or not _kernels.available():  # Triton kernels: CUDA
+        return None
+    key = ("kernels", str(device), dtype, dim, hidden, heads, fp8)
+    return _start_once(_PROCESS_WARM_UPS, key, _kernel_warm_up, device, dtype, dim, hidden, heads, fp8,
+                       torch.is_inference_mode_enabled())
+
+
+def _kernel_warm_up(device, dtype, dim, hidden, heads, fp8, inference) -> None:
+    def body():
+        tokens, head = 32, dim // heads
+        with torch.inference_mode(inference), torch.no_grad():
+            full = lambda *shape: torch.full(shape, 0.01, device=device, dtype=dtype)  # noqa: E731
+            x, w, mod = full(1, tokens, dim), full(dim), full(1, 1, dim)
+            for quantize in {False, fp8}:
+                _kernels.rms_norm(x, w, 1e-5, mod, quantize=quantize)
+                _kernels.residual(x, x, w, 1e-5, mod, w, 1e-5, mod, quantize_next=quantize)
+                _kernels.silu_mul(full(1, tokens, hidden), full(1, tokens, hidden), quantize=quantize)
+            _kernels.residual(x, x, w, 1e-5, mod)
+            cos = torch.ones(1, tokens, 1, head // 2, device=device)
+            _kernels.qk_norm_rope(full(1, tokens, 3, heads, head), full(head), full(head), 1e-5, cos, cos * 0)
+            q = full(1, heads, tokens, head)
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            torch.nn.functional.linear(x, full(64, dim))
+            if fp8:
+                from .fp8 import fp8_linear, quantize_rowwise
+
+                w8, scale = quantize_rowwise(full(64, dim))
+                fp8_linear(x, w8, scale, None, True)
+
+    _timed_warm_up("Z-Image Accelerate start-up warm-up", f" ({dtype}, {dim} wide)", device, body)
 
 
 def compiled_block_forward():

@@ -452,10 +452,25 @@ class NativeAccelerator:
         return torch.bfloat16 if device_supports(torch.bfloat16, device)[0] else torch.float32
 
     # ------------------------------------------------------------------ one transformer call
+    def start_warm_up(self, diffusion_model: nn.Module, device, dtype: torch.dtype):
+        """Start the weight-free warm-up of our kernels at this model's sizes (``fast_denoiser.start_kernel_warm_up``)
+        in a thread; the first call waits for it. Nothing on the CPU."""
+        from .fast_denoiser import start_kernel_warm_up
+
+        block = diffusion_model.layers[0]
+        self._warm_up = start_kernel_warm_up(device, dtype, block.attention_norm1.weight.shape[0],
+                                             block.feed_forward.w1.out_features, block.attention.n_local_heads,
+                                             self.fp8_matmul)
+
     def call(self, diffusion_model: nn.Module, run, transformer_options: dict | None = None):
         """``run()`` (one call of ComfyUI's ``NextDiT._forward``, e.g. the wrapper's executor, with these
         ``transformer_options``) with every block routed through ``run_block``, under this accelerator's attention
         backend and guard."""
+        if self._warm_up is not None:  # the first call waits for the warm-up's kernels (one thread in Triton)
+            from .fast_denoiser import wait_warm_ups
+
+            self._warm_up = None
+            wait_warm_ups()
         self._model = diffusion_model
         self.calls += 1
         self._tables, self._select = None, {}
@@ -498,6 +513,7 @@ class NativeAccelerator:
 
     _model: nn.Module | None = None
     _call_reason: str | None = None
+    _warm_up = None
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict:

@@ -1,0 +1,392 @@
+"""Benchmark: native ComfyUI with and without Z-Image Turbo Accelerate where users are (issues 22 and 26).
+
+ComfyUI 0.33.0 is set up as its ``main.py`` sets it up on an NVIDIA GPU: comfy-aimdo initialised before
+``comfy.model_management`` is imported, dynamic VRAM (``ModelPatcherDynamic``) on, comfy-kitchen's kernels, pinned
+memory and async offload as default. Each *setup* runs in a child process of its own (a simulated card's budget is
+a start-up argument): the same random real-size weights, loaded as UNETLoader loads them; ModelSamplingAuraFlow(3);
+ComfyUI's own sampler (what KSampler runs), euler, ``simple``, 1024², batch 1, one 128-token prompt; native first,
+then the same model through our Accelerate node, rounds interleaved, medians kept, latents compared (relative L2).
+
+Setups (``--setups``): ``bf16``, ``fp8`` (UNETLoader ``weight_dtype`` fp8_e4m3fn), ``fp8fast`` (fp8_e4m3fn_fast),
+``cq_fp8`` (a comfy_quant float8_e4m3fn checkpoint), ``int8cr`` (a comfy_quant int8_convrot checkpoint, made with
+comfy-kitchen's own quantizer), each with ``@12`` / ``@8`` for a simulated 12 / 8 GB card (``--reserve-vram`` so
+ComfyUI plans for that card, ``torch.cuda.set_per_process_memory_fraction`` so nothing can use more); ``base``
+(Z-Image base settings: cfg 4, 28 steps, a 97-token negative prompt); ``first`` (a new process's first image, native
+and ours, each in a process of its own); ``v075`` (ComfyUI 0.3.75's tree, bf16, as the second column).
+
+    python benchmarks/bench_users.py --comfy033 DIR --comfy075 DIR --work /tmp/zb --out results.json
+    python benchmarks/bench_users.py --comfy033 DIR --work /tmp/zb --out /tmp/smoke.json --smoke   # CPU, tiny
+
+Metrics (the issues' names): ``accelerate_speedup_vs_native033_<setup>``, ``accelerate_fallback_blocks_<setup>``,
+``accelerate_rel_l2_vs_native033_<setup>``, ``accelerate_weight_gib_over_native033_<setup>`` (GPU memory of the
+weights as ComfyUI holds them with our node over without: ``loaded_size``), ``accelerate_first_image_over_native033``,
+``accelerate_speedup_vs_native`` (0.3.75); per setup also the simulated budget, what ComfyUI loaded, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+GIB = 1024 ** 3
+CAP_TOKENS, NEG_TOKENS = 128, 97
+
+
+# =========================================================================================== the child: one setup
+def parse_setup(name: str) -> tuple[str, float | None]:
+    kind, _, budget = name.partition("@")
+    return kind, (float(budget) if budget else None)
+
+
+def boot_033(comfy: Path, cpu: bool, reserve: float | None) -> None:
+    """ComfyUI 0.33.0 in-process as main.py sets it up (dynamic VRAM through comfy-aimdo on a GPU)."""
+    from bench_native import boot_comfy
+
+    extra = ["--reserve-vram", f"{reserve:.3f}"] if reserve is not None else []
+    sys.path.insert(0, str(comfy))
+    sys.argv = ["main.py"] + (["--cpu"] if cpu else []) + extra
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    from comfy.cli_args import args
+
+    aimdo = False
+    if not cpu:
+        import comfy_aimdo.control
+
+        headroom = None if args.reserve_vram is None else int(args.reserve_vram * GIB)
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom, nvml_pressure=not args.disable_nvml_pressure)
+        except TypeError:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+    boot_comfy(comfy, cpu)  # the rest of the import order (PyAV stubs, utils.install_util)
+    sys.argv = ["main.py"] + (["--cpu"] if cpu else []) + extra
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    if not cpu:
+        import comfy_aimdo.control
+
+        aimdo = comfy_aimdo.control.init_devices(
+            (d.index, int(args.vram_headroom * GIB)) for d in mm.get_all_torch_devices())
+        if aimdo:
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+    print(f"ComfyUI booted: dynamic VRAM {'on' if aimdo else 'off'}, reserve {reserve}", flush=True)
+
+
+def conditioning(cap_dim: int, tokens: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, cap_dim, generator=g), {}]]
+
+
+def child(args) -> dict:
+    import torch
+
+    kind, budget = parse_setup(args.child)
+    cpu = args.smoke or not torch.cuda.is_available()
+    total = torch.cuda.get_device_properties(0).total_memory / GIB if not cpu else None
+    reserve = (total - budget) if (budget is not None and total is not None) else None
+    if args.comfy_version == "0.3.75":
+        from bench_native import boot_comfy
+
+        boot_comfy(Path(args.comfy), cpu)
+    else:
+        boot_033(Path(args.comfy), cpu, reserve)
+    if budget is not None and not cpu:
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+    import comfy.model_management as mm
+    import comfy.sample
+    import comfy.sd
+    import comfyui_version
+    from bench_native import load_pack, node_output
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    accel_mod = load_pack()
+    work = Path(args.work)
+    ckpt = work / {"cq_fp8": "cq_fp8.safetensors", "int8cr": "int8cr.safetensors"}.get(kind, "bf16.safetensors")
+    options = {}
+    if kind == "fp8":
+        options["dtype"] = torch.float8_e4m3fn
+    if kind == "fp8fast":
+        options["dtype"], options["fp8_optimizations"] = torch.float8_e4m3fn, True
+    if args.smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from comfy_zimage import tiny_native_model
+        import comfy.utils
+
+        sd, metadata = comfy.utils.load_torch_file(str(ckpt), return_metadata=True)
+        dtype = options.get("dtype", torch.float32)
+        model = tiny_native_model(sd, dtype=dtype, metadata=metadata)
+        if dtype != torch.float32:
+            model.model.manual_cast_dtype = torch.float32
+    else:
+        model = comfy.sd.load_diffusion_model(str(ckpt), model_options=options)
+    model = node_output(ModelSamplingAuraFlow().patch_aura(model, 3.0))
+    cap_dim = model.model.diffusion_model.cap_embedder[0].weight.shape[0]
+    positive = conditioning(cap_dim, CAP_TOKENS, 1)
+    negative = conditioning(cap_dim, NEG_TOKENS, 2)
+    base = kind == "base"
+    steps, cfg = (args.base_steps, 4.0) if base else (args.steps, 1.0)
+    size = args.size // 8
+    out = {"setup": args.child, "comfyui": comfyui_version.__version__, "budget_gib": budget,
+           "reserve_vram_gib": reserve, "device_total_gib": total, "steps": steps, "cfg": cfg, "size": args.size}
+
+    def sample(patcher):
+        latent = torch.zeros(1, 16, size, size)
+        noise = comfy.sample.prepare_noise(latent, 42)
+        if not cpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        x = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=42,
+                                disable_pbar=True)
+        if not cpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, x.float()
+
+    def held(patcher) -> float:
+        try:
+            return patcher.loaded_size() / GIB
+        except Exception:  # noqa: BLE001
+            return float("nan")
+
+    if kind == "first":  # a new process's first image: native or ours (args.first), nothing before it
+        start = time.perf_counter()
+        patcher = model if args.first == "native" else accel_mod.accelerate(model)[0]
+        node_s = time.perf_counter() - start
+        seconds, _ = sample(patcher)
+        return out | {"first": args.first, "first_image_s": seconds + node_s, "node_s": node_s}
+
+    fast, accel = accel_mod.accelerate(model)
+    times = {"native": [], "ours": []}
+    latents, mem = {}, {}
+    for name, patcher in (("native", model), ("ours", fast)):
+        if not cpu:
+            torch.cuda.reset_peak_memory_stats()
+        out[f"{name}_first_call_s"], latents[name] = sample(patcher)
+        mem[name] = {"loaded_gib": held(patcher),
+                     "peak_gib": torch.cuda.max_memory_allocated() / GIB if not cpu else float("nan")}
+        print(f"{args.child} {name}: first call {out[f'{name}_first_call_s']:.2f} s, held {mem[name]}", flush=True)
+        if name == "native":
+            mm.unload_all_models()  # ours starts from the same state: the model is loaded by the sampler call
+    for _ in range(args.rounds):
+        for name, patcher in (("native", model), ("ours", fast)):
+            seconds, latents[name] = sample(patcher)
+            times[name].append(seconds)
+    report = accel.report()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rel = float((latents["ours"] - latents["native"]).norm() / latents["native"].norm())
+    out.update(times=times, median_s=med, memory=mem, report={k: report[k] for k in (
+        "fast_blocks", "native_blocks", "fetched_blocks", "weight_dtypes", "fallbacks")},
+        loaded=accel_mod.loaded_summary(fast) if hasattr(accel_mod, "loaded_summary") else None,
+        rel_l2=rel, speedup=med["native"] / med["ours"],
+        weight_gib_ratio=mem["ours"]["loaded_gib"] / mem["native"]["loaded_gib"]
+        if mem["native"]["loaded_gib"] else float("nan"))
+    print(f"{args.child}: native {med['native']:.3f} s, ours {med['ours']:.3f} s ({out['speedup']:.3f}x), "
+          f"rel-L2 {rel:.2e}, native blocks {report['native_blocks']}", flush=True)
+    return out
+
+
+# =========================================================================================== the driver
+def prepare(args) -> dict:
+    """The checkpoints every setup loads: bf16 random weights of the real shapes (tiny in smoke mode), and from them
+    a comfy_quant e4m3 file and (0.33's comfy-kitchen quantizer) an int8_convrot file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bench_native import write_checkpoint
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.smoke else "cuda"
+    start = time.perf_counter()
+    bf16 = write_checkpoint(work / "bf16.safetensors", args.smoke, device)
+    state = load_file(str(bf16), device=device)
+    linears = [k for k in state if k.endswith((".attention.qkv.weight", ".attention.out.weight",
+                                               ".feed_forward.w1.weight", ".feed_forward.w2.weight",
+                                               ".feed_forward.w3.weight"))]
+
+    def tag(conf):
+        return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+
+    fp8 = dict(state)
+    for k in linears:
+        w = state[k].float()
+        scale = w.abs().amax() / 448.0
+        fp8[k] = (w / scale).to(torch.float8_e4m3fn)
+        fp8[k[:-len("weight")] + "weight_scale"] = scale.reshape(())
+        fp8[k[:-len("weight")] + "comfy_quant"] = tag({"format": "float8_e4m3fn"})
+    save_file({k: v.contiguous().cpu() for k, v in fp8.items()}, str(work / "cq_fp8.safetensors"))
+    del fp8
+    made = {"bf16": str(bf16), "cq_fp8": str(work / "cq_fp8.safetensors")}
+    if args.comfy033:
+        from comfy_kitchen.tensor import TensorWiseINT8Layout
+
+        int8 = dict(state)
+        group = 16 if args.smoke else 256  # Comfy-Org's files: 256; the tiny model is 64 wide
+        for k in (k for k in linears if state[k].shape[1] % group == 0):  # all at the real sizes
+            q, params = TensorWiseINT8Layout.quantize(state[k], is_weight=True, per_channel=True, convrot=True,
+                                                      convrot_groupsize=group)
+            int8[k] = q
+            int8[k[:-len("weight")] + "weight_scale"] = params.scale.float()
+            int8[k[:-len("weight")] + "comfy_quant"] = tag({"format": "int8_tensorwise",
+                                                            "params": {"convrot": True, "convrot_groupsize": group}})
+        save_file({k: v.contiguous().cpu() for k, v in int8.items()}, str(work / "int8cr.safetensors"))
+        made["int8cr"] = str(work / "int8cr.safetensors")
+    made["prepare_s"] = time.perf_counter() - start
+    return made
+
+
+def gpu_rates() -> dict:
+    """The card's measured bf16 and fp8 matmul rates and the attention rate at Z-Image's 1024² shape (the floor)."""
+    import torch
+    import torch.nn.functional as F
+
+    def timed(fn, n=10):
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    rates = {"bf16_matmul_tflops": 2 * 8192 ** 3 / timed(lambda: a @ a) / 1e12}
+    a8 = a.to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    rates["fp8_matmul_tflops"] = 2 * 8192 ** 3 / timed(
+        lambda: torch._scaled_mm(a8, a8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)) / 1e12
+    seq = 4096 + CAP_TOKENS
+    q = torch.randn(1, 30, seq, 128, device="cuda", dtype=torch.bfloat16)
+    rates["attention_tflops"] = 4 * 30 * seq * seq * 128 / timed(lambda: F.scaled_dot_product_attention(q, q, q)) / 1e12
+    host = torch.empty(2 * GIB, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
+    rates["host_to_device_gb_s"] = 2 * GIB / timed(lambda: dev.copy_(host, non_blocking=True), 3) / 1e9
+    return rates
+
+
+def floor_seconds(rates: dict, steps: int) -> dict:
+    """The 8-step floor at the card's measured rates: the block matmuls (30+2 blocks, 4224 tokens) and attention."""
+    seq, dim, hidden = 4096 + CAP_TOKENS, 3840, 10240
+    per_block = 2 * seq * dim * (3 * dim + dim + 3 * hidden)
+    matmul = 30 * per_block + 2 * 2 * 4096 * dim * (3 * dim + dim + 3 * hidden)
+    attention = 30 * 4 * 30 * seq * seq * 128 + 2 * 4 * 30 * 4096 * 4096 * 128
+    return {"matmul_tflop_per_step": matmul / 1e12, "attention_tflop_per_step": attention / 1e12,
+            "floor_bf16_s": steps * (matmul / rates["bf16_matmul_tflops"] + attention / rates["attention_tflops"])
+            / 1e12}
+
+
+def run_child(args, setup: str, comfy: str, version: str, deadline: float, first: str | None = None) -> dict:
+    remaining = deadline - time.monotonic()
+    if remaining < 30:
+        return {"setup": setup, "skipped": "out of time"}
+    out = Path(args.work) / f"child_{setup.replace('@', '_')}_{first or ''}.json"
+    cmd = [sys.executable, __file__, "--child", setup, "--comfy", comfy, "--comfy-version", version, "--work",
+           args.work, "--result", str(out), "--steps", str(args.steps), "--base-steps", str(args.base_steps),
+           "--size", str(args.size), "--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else []) + (
+        ["--first", first] if first else [])
+    print(f"--- {setup} {first or ''} ({version})", flush=True)
+    try:
+        proc = subprocess.run(cmd, timeout=remaining, capture_output=True, text=True)
+    except subprocess.TimeoutExpired as err:
+        return {"setup": setup, "error": f"timed out after {remaining:.0f} s", "log": str(err.stdout)[-2000:]}
+    sys.stdout.write(proc.stdout[-3000:])
+    if proc.returncode != 0:
+        return {"setup": setup, "error": f"exit {proc.returncode}", "log": (proc.stdout + proc.stderr)[-4000:]}
+    return json.loads(out.read_text())
+
+
+def driver(args) -> None:
+    import torch
+
+    deadline = time.monotonic() + args.budget_s
+    gpu = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
+    results = {"gpu": gpu, "metrics": {}, "setups": {}, "native": "ComfyUI 0.33.0 as main.py sets it up (dynamic VRAM "
+               "through comfy-aimdo, comfy-kitchen, async offload); second column 0.3.75",
+               "command": " ".join(sys.argv)}
+    out = Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1, default=str))
+
+    if not args.skip_prepare:
+        results["prepare"] = prepare(args)
+        save()
+    if not args.smoke:
+        results["rates"] = gpu_rates()
+        results["floor"] = floor_seconds(results["rates"], args.steps)
+        save()
+    metrics = results["metrics"]
+    for setup in args.setups:
+        if setup == "first":
+            pair = {who: run_child(args, "first", str(args.comfy033), "0.33.0", deadline, who)
+                    for who in ("native", "ours")}
+            results["setups"]["first"] = pair
+            if all("first_image_s" in r for r in pair.values()):
+                metrics["accelerate_first_image_over_native033"] = (pair["ours"]["first_image_s"]
+                                                                    / pair["native"]["first_image_s"])
+            save()
+            continue
+        version, comfy = ("0.3.75", args.comfy075) if setup == "v075" else ("0.33.0", args.comfy033)
+        if comfy is None:
+            continue
+        r = run_child(args, "bf16" if setup == "v075" else setup, str(comfy), version, deadline)
+        results["setups"][setup] = r
+        if "speedup" in r:
+            name = setup.replace("@", "_") + ("gb" if "@" in setup else "")
+            if setup == "v075":
+                metrics["accelerate_speedup_vs_native"] = r["speedup"]
+            else:
+                metrics[f"accelerate_speedup_vs_native033_{name}"] = r["speedup"]
+                metrics[f"accelerate_fallback_blocks_{name}"] = r["report"]["native_blocks"]
+                metrics[f"accelerate_rel_l2_vs_native033_{name}"] = r["rel_l2"]
+                metrics[f"accelerate_weight_gib_over_native033_{name}"] = r["weight_gib_ratio"]
+        save()
+    print(json.dumps(metrics, indent=1), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--comfy033", type=Path)
+    p.add_argument("--comfy075", type=Path)
+    p.add_argument("--work", required=True)
+    p.add_argument("--out")
+    p.add_argument("--setups", nargs="*", default=["bf16", "fp8", "fp8fast", "cq_fp8", "int8cr", "base", "first",
+                                                   "bf16@12", "bf16@8", "fp8@12", "fp8@8", "cq_fp8@8", "v075"])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--base-steps", type=int, default=28)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=560.0, help="stop starting setups after this many seconds")
+    p.add_argument("--skip-prepare", action="store_true")
+    p.add_argument("--smoke", action="store_true")
+    # the child's arguments
+    p.add_argument("--child")
+    p.add_argument("--comfy")
+    p.add_argument("--comfy-version", default="0.33.0")
+    p.add_argument("--result")
+    p.add_argument("--first")
+    args = p.parse_args()
+    if args.child:
+        Path(args.result).write_text(json.dumps(child(args), default=str))
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
