@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import importlib.abc
 import importlib.machinery
 import types
 from pathlib import Path
@@ -44,20 +45,45 @@ def boot_comfy(comfy: Path, cpu: bool) -> None:
     try:
         import av  # noqa: F401
     except ImportError:  # no PyAV: inert modules, enough for ComfyUI's imports (its video types are never used here)
-        for name in ("av", "av.container", "av.video", "av.audio", "av.video.frame", "av.audio.frame",
-                     "av.subtitles", "av.subtitles.stream", "av.video.stream", "av.audio.stream", "av.codec"):
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec("av") must not raise
-            # any public name is a dummy class; dunder lookups (inspect asks for __file__) fail as for a real module
-            module.__getattr__ = lambda attr: (_ for _ in ()).throw(AttributeError(attr)) if attr.startswith("__") \
-                else type(attr, (), {})
-            sys.modules[name] = module
+        sys.meta_path.insert(0, _InertAV())
     import comfy.options
 
     comfy.options.enable_args_parsing()
     try:
         import utils.install_util  # noqa: F401  (main.py imports it before nodes; 0.33 needs it)
     except ImportError:
+        pass
+
+
+class _Inert(type):
+    """A dummy class whose every public attribute is another dummy class (``ColorTrc.ARIB_STD_B67`` at import)."""
+
+    def __getattr__(cls, attr):
+        return _inert_attr(attr)
+
+
+def _inert_attr(attr: str):
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return _Inert(attr, (), {})
+
+
+class _InertAV(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``av`` and any ``av.*`` submodule as inert packages: any public name is a dummy class; dunder lookups
+    (inspect asks for ``__file__``) fail as for a real module. ComfyUI 0.33 imports ``av.video.reformatter``."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "av" or name.startswith("av."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__getattr__ = _inert_attr
+        return module
+
+    def exec_module(self, module):
         pass
 
 
