@@ -105,7 +105,12 @@ def test_native_workflow_runs(server, name):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
     (image,) = images(server, entry)
     assert image.size == (64, 48)
-    assert "runs ComfyUI's own forward" not in server.log_text()  # our blocks ran every block
+    log = server.log_text()
+    assert "runs ComfyUI's own forward" not in log  # our blocks ran every block
+    # after the sampler, one line says what ran on which weights and how ComfyUI held them (issue 26)
+    summary = [line for line in log.splitlines() if "block calls ran our maths on" in line]
+    assert summary, log[-3000:]
+    assert "fp32 (" in summary[-1] and "ComfyUI holds the model:" in summary[-1] and " GiB on cpu" in summary[-1]
 
 
 def test_invalid_accelerate_input_is_refused(server):
