@@ -237,7 +237,7 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
             return cast_bias_weight(module, x, offloadable=True)
         if mode == "fp8":  # as ComfyUI's fp8 linear: the weight kept in fp8, the bias in x's dtype
             extra = dict(compute_dtype=mm.lora_compute_dtype(x.device), want_requant=True) if current else {}
-            return cast_bias_weight(module, x, dtype=module.weight.dtype, bias_dtype=x.dtype, offloadable=True,
+            return cast_bias_weight(module, x, dtype=stored_dtype(module.weight), bias_dtype=x.dtype, offloadable=True,
                                     **extra)
         # quantized, as ComfyUI's mixed-precision linear: the QuantizedTensor kept as it is
         return cast_bias_weight(module, x, offloadable=True, compute_dtype=x.dtype, want_requant=True)
@@ -268,12 +268,14 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
         return run
 
     return CastWeights(cast, lambda module, weight, bias, token: uncast_bias_weight(module, weight, bias, token),
-                       quantized=quantized, raw=raw, attention=attention, fp8_matmul=fp8_matmul)
+                       quantized=quantized, raw=raw, attention=attention, fp8_matmul=fp8_matmul,
+                       stored_dtype=stored_dtype)
 
 
 def stored_dtype(weight) -> torch.dtype:
-    """The dtype a weight is stored in (a QuantizedTensor's data, not the dtype it stands for)."""
-    return getattr(weight, "_qdata", weight).dtype
+    """The dtype ComfyUI keeps a weight in: a QuantizedTensor's data (not the dtype it stands for); under dynamic
+    VRAM the model's dtype (``_model_dtype``: the module holds the file's tensor, fp8 is made as it streams)."""
+    return getattr(weight, "_model_dtype", None) or getattr(weight, "_qdata", weight).dtype
 
 
 def fp8_auto(patcher, diffusion_model) -> bool:

@@ -138,8 +138,10 @@ def _dtype(lin) -> torch.dtype:
 
 def _linear(x: torch.Tensor, lin, fp8_matmul: bool) -> torch.Tensor:
     if isinstance(lin, Fetched):
+        # the owner needs the input's device and compute dtype (an input quantized by its kernel carries them)
+        like = x if torch.is_tensor(x) else x.q.new_empty((0,), dtype=x.dtype)
         try:
-            return _linear(x, lin.get(x), fp8_matmul)
+            return _linear(x, lin.get(like), fp8_matmul)
         finally:
             lin.done()
     weight, scale, bias = lin

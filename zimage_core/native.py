@@ -198,11 +198,15 @@ class CastWeights(ModuleWeights):
     - ``raw(weight) -> (data, scale) | None``: e4m3 data with its fp32 scale (a scalar or per row).
     - ``attention(transformer_options, heads) -> function or None``: ComfyUI's attention dispatch when another node
       chose an attention.
+    - ``stored_dtype(weight) -> dtype``: the dtype the owner keeps a plain weight in (under ComfyUI's dynamic VRAM the
+      module's tensor is the file's, and the model's dtype, fp8 say, is what ``cast`` gives).
 
     A block whose weights are all plain tensors on the compute device is read directly (no per-op calls)."""
 
-    def __init__(self, cast, uncast, quantized=None, raw=None, attention=None, fp8_matmul: bool = True):
+    def __init__(self, cast, uncast, quantized=None, raw=None, attention=None, fp8_matmul: bool = True,
+                 stored_dtype=None):
         self.cast, self.uncast = cast, uncast
+        self.stored_dtype = stored_dtype or (lambda weight: weight.dtype)  # the dtype the owner keeps it in
         self._quantized, self.raw, self._attention = quantized, raw, attention
         self.fp8_matmul = fp8_matmul  # raw fp8 weights may multiply in fp8 (else they are cast per op)
         self._modes: dict[int, tuple] = {}  # id(module) -> (weight identity, mode, dtype, scale, reason)
@@ -232,7 +236,7 @@ class CastWeights(ModuleWeights):
                 result = ("quantized", x.dtype, None, None)
             else:
                 result = ("quantized", torch.float8_e4m3fn, None, None)
-        elif data.dtype == torch.float8_e4m3fn and not functions and self.fp8_matmul:
+        elif self.stored_dtype(data) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
             result = ("fp8", torch.float8_e4m3fn, scale, None)
         else:  # float, e5m2, or fp8 under a per-op LoRA: cast to the compute dtype per op
             result = ("float", x.dtype, scale, None)
