@@ -34,6 +34,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # mxfp8 block scales as comfy-kitchen writes them (safetensors >= 0.6)
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -62,8 +64,8 @@ class StagingBuffer:
         return self._buf[:nbytes]
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8, "I32": 4,
+             "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _open(path: Path):
