@@ -285,3 +285,15 @@ def test_cli_one_line(tmp_path, built, tiny_split, tokenizer_dir, name):
     assert re.search(words, lines[0]), lines[0]
     assert "internal error" not in lines[0] and DAMAGED in lines[0], lines[0]
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e8m0fnu"), reason="this torch has no E8M0 dtype")
+def test_e8m0_weight_outside_mxfp8_scales_is_refused(tmp_path, state):
+    """E8M0 holds only powers of two: as a weight (not an mxfp8 block scale) it is refused, not cast."""
+    sd = dict(state)
+    sd[f"{L}.weight"] = torch.ones(192, 64).to(torch.float8_e8m0fnu)
+    path = tmp_path / "e8m0_weight.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(ZImageError, match="e8m0_weight.safetensors: tensor 'noise_refiner.0.attention.to_q.weight' is "
+                                          "stored as float8_e8m0fnu, but the model needs floating-point weights"):
+        load_transformer(path, FP32)

@@ -315,7 +315,7 @@ class Checkpoint:
 
 def check_loaded_tensor(name: str, tensor: torch.Tensor, expected: torch.Tensor, source: str) -> None:
     """A file tensor fits the model's parameter ``expected`` (dtype kind and shape), or a message naming both."""
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or tensor.dtype == _DTYPES.get("F8_E8M0"):  # E8M0: powers of two, scales only
         raise ZImageError(
             f"{source}: tensor {name!r} is stored as {str(tensor.dtype).replace('torch.', '')}, but the model needs "
             "floating-point weights (bf16, fp16, fp32 or fp8). An integer tensor without the scales of a known "
