@@ -121,7 +121,7 @@ CASES = [
     ("diff_huge", {f"{BASE}.diff": torch.full((64, 64), 1e37)},
      f"{BASE}.diff", "holds values up to 1e\\+37: at strength 100 the merged weight would overflow fp32"),
     ("dora_norm_overflow", {f"{BASE}.lora_up.weight": torch.full((64, 1), 1e10),
-                            f"{BASE}.lora_down.weight": torch.full((1, 64), 1e10), f"{BASE}.dora_scale": torch.ones(64, 1)},
+                            f"{BASE}.lora_down.weight": torch.full((1, 64), 1e10), f"{BASE}.dora_scale": torch.ones(1, 64)},
      f"{BASE}.lora_up.weight", "multiply to values that reach 1e\\+20"),
 ]
 

@@ -552,9 +552,9 @@ def check_patch(patch: Patch, where: str, keys: dict[str, str]) -> None:
     afterwards (``_shape_problem``: a LoRA of another model is listed in ``unmatched``)."""
     t = patch.tensors
     if patch.form == "lora":
-        out_f, rank, in_f = _pair(where, keys, "up", "down", t["up"], t["down"], "LoRA", flat=True)
+        out_f, _, in_f = _pair(where, keys, "up", "down", t["up"], t["down"], "LoRA", flat=True)
     elif patch.form == "loha":
-        out_f, rank, in_f = _pair(where, keys, "w1a", "w1b", t["w1a"], t["w1b"], "LoHa")
+        out_f, _, in_f = _pair(where, keys, "w1a", "w1b", t["w1a"], t["w1b"], "LoHa")
         out2, _, in2 = _pair(where, keys, "w2a", "w2b", t["w2a"], t["w2b"], "LoHa")
         if (out2, in2) != (out_f, in_f):
             raise _damaged(where, keys["w2a"], f"and {keys['w2b']!r} make a [{out2}, {in2}] matrix but "
@@ -573,11 +573,13 @@ def check_patch(patch: Patch, where: str, keys: dict[str, str]) -> None:
         if t["diff"].numel() == 0:
             raise _damaged(where, keys["diff"], f"has shape {list(t['diff'].shape)}: an empty difference")
         out_f, in_f = t["diff"].shape[0], t["diff"][0].numel() if t["diff"].dim() > 1 else 1
+    norm_length = None  # DoRA per input column: the merged weight's column norms, over out_f values each
     if patch.dora_scale is not None:
         shape = list(patch.dora_scale.shape)
-        rows_form = patch.dora_scale.dim() >= 1 and shape[0] == out_f and patch.dora_scale.numel() == out_f
-        cols_form = patch.dora_scale.dim() == 2 and shape == [1, in_f]
-        if not (rows_form and patch.dora_scale.dim() >= 2 or cols_form):
+        rows_form = patch.dora_scale.dim() >= 2 and shape[0] == out_f and patch.dora_scale.numel() == out_f
+        cols_form = patch.dora_scale.dim() == 2 and shape == [1, in_f] and not rows_form
+        norm_length = out_f if cols_form else None
+        if not (rows_form or cols_form):
             raise _damaged(where, keys["dora_scale"], f"has shape {shape}: DoRA's magnitude is [{out_f}, 1] (one per "
                                                       f"output row) or [1, {in_f}] (one per input column) for this "
                                                       f"[{out_f}, {in_f}] patch")
@@ -590,12 +592,13 @@ def check_patch(patch: Patch, where: str, keys: dict[str, str]) -> None:
         maxima[role] = value
     if patch.dora_scale is not None and not math.isfinite(_abs_max(patch.dora_scale)):
         raise _damaged(where, keys["dora_scale"], "holds NaN or Inf values")
-    _check_product(patch, where, keys, maxima, in_f if patch.dora_scale is not None else None)
+    _check_product(patch, where, keys, maxima, norm_length)
 
 
-def _check_product(patch: Patch, where: str, keys: dict, maxima: dict[str, float], dora_cols: int | None) -> None:
+def _check_product(patch: Patch, where: str, keys: dict, maxima: dict[str, float], norm_length: int | None) -> None:
     """The merged delta ``strength * alpha/rank * product`` must be finite in fp32 for |strength| up to
-    MAX_LORA_STRENGTH (with DoRA: the merged rows' norm must be too, so |delta| <= sqrt(fp32 max / n) / 2).
+    MAX_LORA_STRENGTH (DoRA per input column: the merged weight's column norms, over ``norm_length`` values, must
+    be too, so |delta| <= sqrt(fp32 max / n) / 2; per output row ComfyUI takes the original weight's norms).
 
     First a bound from the maxima already taken (free): |up @ down| <= rank * max|up| * max|down|, LoHa the product
     of two such bounds, LoKr max|w1| * max|w2|. Real LoRAs pass it by 30 orders of magnitude. Only when it fails is
@@ -603,7 +606,7 @@ def _check_product(patch: Patch, where: str, keys: dict, maxima: dict[str, float
     merge of that weight), and its true maximum used: so a file is refused only when the merge really overflows."""
     t = patch.tensors
     scale = abs(patch._scale())
-    limit = FP32_MAX / MAX_LORA_STRENGTH if dora_cols is None else math.sqrt(FP32_MAX / max(dora_cols, 1)) / 2
+    limit = FP32_MAX / MAX_LORA_STRENGTH if norm_length is None else math.sqrt(FP32_MAX / norm_length) / 2
     if patch.form == "diff":
         bound = maxima["diff"]
     elif patch.form == "lora":
@@ -632,11 +635,10 @@ def _product_max(patch: Patch) -> float:
     """max |product| of a LoRA/LoHa/LoKr patch in fp32, computed in pieces of rows (NaN/inf when it overflows)."""
     t = {k: v.float() for k, v in patch.tensors.items()}
 
-    def rows_max(left_parts, fn) -> float:
+    def rows_max(rows: int, fn) -> float:  # fn(row slice) -> those rows of the product
         best = 0.0
-        cols = fn(slice(0, 1)).shape[1]
-        step = max(1, _CHUNK // max(cols, 1))
-        for start in range(0, left_parts, step):
+        step = max(1, _CHUNK // fn(slice(0, 1)).shape[1])
+        for start in range(0, rows, step):
             value = float(fn(slice(start, start + step)).abs().amax())
             if not math.isfinite(value):
                 return value
