@@ -221,6 +221,9 @@ def test_demo_model_dir_that_is_a_file(tmp_path):
     with pytest.raises(ZImageError, match="model_dir .*notes.txt is a file, not a folder"):
         tiny_model_dir(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    with pytest.raises(ZImageError, match="model_dir .* is a folder with other files and no model"):
+        tiny_model_dir(tmp_path)  # would have ended in 'Directory not empty' after building
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_failed_tiny_build_leaves_nothing(tmp_path, monkeypatch):

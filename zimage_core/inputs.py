@@ -431,8 +431,9 @@ def check_output_paths(out, latents_out=None, batch: int = 1, inputs=()) -> tupl
 
 
 def check_model_dir(path, what: str = "model_dir") -> Path | None:
-    """A folder to build or read a model in: ``None`` (the default place), an existing folder, or a path whose
-    existing part is a folder (the rest is made). A file there is refused before anything is written."""
+    """A folder to build or read a model in: ``None`` (the default place), a folder holding the model
+    (``model_index.json``), an empty folder, or a path whose existing part is a folder (the rest is made). A file
+    there, or a folder of other files, is refused before anything is written."""
     if path is None:
         return None
     path = Path(path)
@@ -444,6 +445,9 @@ def check_model_dir(path, what: str = "model_dir") -> Path | None:
         where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
         raise ZImageError(f"{what} {path} {where}, not a folder: give a folder (it is made if missing), or leave "
                           f"{what} out to use the default cache.")
+    if existing == path and not (path / "model_index.json").is_file() and any(path.iterdir()):
+        raise ZImageError(f"{what} {path} is a folder with other files and no model (no model_index.json): the model "
+                          f"is built in a new or empty folder; give one, or leave {what} out to use the default cache.")
     return path
 
 
