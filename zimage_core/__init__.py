@@ -1,5 +1,9 @@
 """zimage_core: Z-Image-Turbo loading, prompt encoding, sampling and decoding, with no ComfyUI import."""
 
+from .errors import quiet_interrupt_while_starting as _quiet_interrupt
+
+_quiet_interrupt()  # python -m zimage_core: Ctrl-C during the imports below is one line, exit 130
+
 from .dtypes import ComponentDtype, DtypePolicy, resolve_policy
 from .errors import GenerationCancelled, ZImageError
 from .options import (ATTENTION_BACKENDS, COMPUTE_DTYPES, GUARD_POLICIES, LATENT_CHANNELS, MAX_BATCH, MAX_SIZE,

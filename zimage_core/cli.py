@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import GenerationCancelled, ZImageError
+from .errors import GenerationCancelled, ZImageError, restore_interrupt
 from .inputs import (check_batch_size, check_denoise, check_device, check_guidance, check_init_image,
-                     check_output_paths, check_prompts, check_seed, check_size, check_steps, check_tile_args,
-                     image_paths)
+                     check_model_dir, check_output_paths, check_prompts, check_seed, check_size, check_steps,
+                     check_tile_args, image_paths)
+from .safetensors_io import check_regular_file
 from .options import GUARD_POLICIES, MAX_BATCH, MAX_TILE_SIZE, MIN_TILE_SIZE
 from .samplers import SAMPLERS
 
@@ -70,8 +71,7 @@ def _load_image(path: Path):
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    if not path.is_file():
-        raise ZImageError(f"--init-image {path} not found" + (" (it is a folder)" if path.is_dir() else "") + ".")
+    check_regular_file(path, "--init-image", "give an image file (PNG, JPEG, WebP, ...)")
     if path.stat().st_size == 0:
         raise ZImageError(f"--init-image {path} is an empty file: it is not an image.")
     try:
@@ -113,12 +113,23 @@ def parse_loras(values: list[str]) -> list[tuple[Path, float]]:
             except ValueError:
                 raise ZImageError(f"--lora {value!r}: the strength after ':' must be a number (e.g. "
                                   f"{head}:0.8).") from None
-        if not Path(path).is_file():
-            raise ZImageError(f"--lora {path} not found: give a LoRA .safetensors file, optionally with :STRENGTH.")
+        check_regular_file(path, "--lora", "give a LoRA .safetensors file, optionally with :STRENGTH")
         if not math.isfinite(strength) or abs(strength) > 100:
             raise ZImageError(f"--lora {value!r}: strength {strength!r} is out of range: use -100..100 (1 = as trained).")
         out.append((Path(path), strength))
     return out
+
+
+def input_paths(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """``(option, path)`` of everything the run reads: no output may be one of these files."""
+    if args.command == "demo":
+        from .tiny import TINY_VERSION, cache_root
+
+        models = [("--model-dir", args.model_dir or cache_root() / f"tiny-{TINY_VERSION}")]
+    else:
+        models = [(f"--{name.replace('_', '-')}", getattr(args, name))
+                  for name in ("model", "transformer", "text_encoder", "vae", "tokenizer")]
+    return models + [("--lora", path) for path, _ in args.loras] + [("--init-image", args.init_image)]
 
 
 def check_args(args: argparse.Namespace):
@@ -132,9 +143,11 @@ def check_args(args: argparse.Namespace):
     check_guidance(args.guidance)
     check_denoise(args.denoise, has_init=args.init_image is not None, steps=args.steps)
     check_tile_args(args.tile_size, args.tile_overlap)
-    check_output_paths(args.out, args.latents_out, args.batch_size)
-    check_device(args.device)
+    if args.command == "demo":
+        check_model_dir(args.model_dir, "--model-dir")
     args.loras = parse_loras(args.lora)
+    check_output_paths(args.out, args.latents_out, args.batch_size, inputs=input_paths(args))
+    check_device(args.device)
     init_image = _load_image(args.init_image) if args.init_image else None
     if init_image is not None:
         check_init_image(init_image, batch=args.batch_size, width=args.width, height=args.height)
@@ -197,6 +210,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    restore_interrupt()  # the imports are done: Ctrl-C is a KeyboardInterrupt, handled below
     try:
         return run(args)
     except ZImageError as err:

@@ -11,6 +11,7 @@ import json
 import math
 import numbers
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -269,10 +270,37 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # PNG, JPEG; WebP: RIFF....WEBP
+MAX_INPUT_DEPTH = 3  # folder levels searched for input files: a diffusers folder's files sit 2 levels down
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name the folder's file system takes, in bytes (255 on ext4, XFS, btrfs, APFS, NTFS)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _check_name_length(path: Path, what: str) -> None:
+    """Every part of ``path`` within the file system's name limit, before anything stats it (an over-long name
+    makes ``exists()`` raise instead of answering)."""
+    limit = _name_max(Path(os.path.abspath(path)).parent)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else part[:20] + "..." + part[-12:]
+            raise ZImageError(f"{what} {shown!r}: the name is {size} bytes long; file names can be at most {limit} "
+                              "bytes here. Choose a shorter name.")
+
+
 def _check_writable(path: Path, what: str, suffixes: tuple[str, ...]) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise ZImageError(f"{what} must be a file path, got {path!r}.")
     path = Path(path)
+    _check_name_length(path, what)
     if path.is_dir():
         raise ZImageError(f"{what} {path} is a folder: give a file name, e.g. {path / ('image' + suffixes[0])}.")
     if path.suffix.lower() not in suffixes:
@@ -296,16 +324,131 @@ def _check_writable(path: Path, what: str, suffixes: tuple[str, ...]) -> Path:
     return path
 
 
-def check_output_paths(out, latents_out=None, batch: int = 1) -> tuple[Path, Path | None]:
-    """The CLI's image and latent outputs: writable files with the right extension, not the same file."""
+def _identity(path: Path) -> tuple:
+    """What makes two paths the same file: device and inode for an existing file (symlinks followed, hard links
+    equal), else the resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(Path(os.path.abspath(path)).resolve()))
+
+
+def input_files(option: str, path) -> list[tuple[str, Path]]:
+    """``(option, file)`` for an input path: the file itself, or the files a loader may read in a folder: of a
+    diffusers folder (``model_index.json``) that file and everything in its subfolders, of any other folder every
+    file, down to ``MAX_INPUT_DEPTH`` levels; images never (no loader reads them from a folder, and a rerun may
+    replace its own earlier image there). Costs one ``stat`` per entry of those folders."""
+    path = Path(path)
+    if not path.is_dir():
+        return [(option, path)]
+    diffusers = (path / "model_index.json").is_file()
+    out = []
+    base = len(path.parts)
+    for root, dirs, files in os.walk(path, followlinks=True):
+        depth = len(Path(root).parts) - base
+        if depth + 1 >= MAX_INPUT_DEPTH:
+            dirs[:] = []
+        if diffusers and depth == 0:
+            files = [f for f in files if f == "model_index.json"]
+        out.extend((option, Path(root) / f) for f in files if Path(f).suffix.lower() not in IMAGE_SUFFIXES)
+    return out
+
+
+def _is_image_file(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    return not head or head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def _is_latents_file(path: Path) -> bool:
+    from .safetensors_io import SafetensorsFile
+
+    if path.stat().st_size == 0:
+        return True
+    try:
+        return SafetensorsFile(path).keys() == ["latents"]  # reads the header only
+    except ZImageError:
+        return False
+
+
+def _check_replaceable(path: Path, what: str, ours, kind: str) -> None:
+    """An existing output may only be one of ours (an image; a latents file) or empty: anything else would be lost."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # not there: nothing to lose
+    if not stat.S_ISREG(mode):
+        raise ZImageError(f"{what} {path} exists and is not a regular file (a FIFO, device or socket): choose "
+                          "another name.")
+    try:
+        fine = ours(path)
+    except OSError as err:
+        raise ZImageError(f"{what} {path} exists and cannot be read ({err.strerror or err}): choose another name.") \
+            from None
+    if not fine:
+        raise ZImageError(f"{what} {path} exists and is not {kind}, so writing would destroy it: remove it yourself "
+                          "if it is not needed, or choose another name.")
+
+
+def check_output_paths(out, latents_out=None, batch: int = 1, inputs=()) -> tuple[Path, Path | None]:
+    """The CLI's outputs, checked before any model loads: writable files with the right extension and a name the
+    file system takes; none of them the same file as an input (``inputs``: ``(option, path)`` pairs, folders
+    searched by ``input_files``) or as another output, compared by device and inode (hard links and symlinks
+    included) or, for files not there yet, by resolved path; an existing output file only an image (``--out``)
+    or a latents file (``--latents-out``) written before, or empty. Costs a ``stat`` per input file and reads
+    the first bytes (the header) of an existing output."""
     out = _check_writable(out, "--out", IMAGE_SUFFIXES)
+    outputs = [("--out", p) for p in image_paths(out, batch)]
+    for _, p in outputs:
+        _check_name_length(p, "--out")
     if latents_out is not None:
         latents_out = _check_writable(latents_out, "--latents-out", LATENT_SUFFIXES)
-        images = image_paths(out, batch)
-        if any(latents_out.resolve() == p.resolve() for p in images):
-            raise ZImageError(f"--latents-out {latents_out} is the same file as an image output: give it another "
-                              "name, e.g. latents.safetensors.")
+        outputs.append(("--latents-out", latents_out))
+    seen: dict[tuple, tuple[str, Path]] = {}
+    for option, p in outputs:
+        key = _identity(p)
+        if key in seen:
+            other, first = seen[key]
+            raise ZImageError(f"{option} {p} is the same file as {other} {first}: give each output its own name, "
+                              "e.g. image.png and latents.safetensors.")
+        seen[key] = (option, p)
+    files = [pair for option, path in inputs if path is not None for pair in input_files(option, path)]
+    for option, path in files:
+        hit = seen.get(_identity(path))
+        if hit is not None:
+            out_option, out_path = hit
+            same = "" if str(out_path) == str(path) else f" ({path}, resolved or hard-linked)"
+            raise ZImageError(f"{out_option} {out_path} is the input file of {option}{same}: writing there would "
+                              f"overwrite it. Choose another {out_option} name, e.g. "
+                              f"{out_path.with_name('zimage_out' + out_path.suffix)}.")
+    for option, p in outputs:
+        if option == "--out":
+            _check_replaceable(p, option, _is_image_file, "an image (PNG, JPEG or WebP)")
+        else:
+            _check_replaceable(p, option, _is_latents_file, "a latents file (a .safetensors holding only 'latents')")
     return out, latents_out
+
+
+def check_model_dir(path, what: str = "model_dir") -> Path | None:
+    """A folder to build or read a model in: ``None`` (the default place), a folder holding the model
+    (``model_index.json``), an empty folder, or a path whose existing part is a folder (the rest is made). A file
+    there, or a folder of other files, is refused before anything is written."""
+    if path is None:
+        return None
+    path = Path(path)
+    _check_name_length(path, what)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise ZImageError(f"{what} {path} {where}, not a folder: give a folder (it is made if missing), or leave "
+                          f"{what} out to use the default cache.")
+    if existing == path and not (path / "model_index.json").is_file() and any(path.iterdir()):
+        raise ZImageError(f"{what} {path} is a folder with other files and no model (no model_index.json): the model "
+                          f"is built in a new or empty folder; give one, or leave {what} out to use the default cache.")
+    return path
 
 
 def image_paths(out: Path, count: int) -> list[Path]:

@@ -32,6 +32,7 @@ Text-encoder keys (``lora_te_``, ``text_encoders.qwen3_4b.transformer.model.``, 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -303,16 +304,25 @@ class LoraFile:
 
 
 # --------------------------------------------------------------------------------------------- parse
-def _read(source) -> tuple[str, dict[str, torch.Tensor]]:
+def _read(source) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """(name, where, state) of a LoRA given as a path or a state dict: ``where`` names it in messages (the path
+    as given). A path must be a regular ``.safetensors`` file: a folder, a FIFO or a device is refused before
+    anything opens it."""
     if isinstance(source, dict):
-        return "LoRA", dict(source)
-    from .safetensors_io import Checkpoint
+        bad = next((k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None or not source:
+            what = "is empty" if not source else f"maps {bad!r} to a {type(source[bad]).__name__}"
+            raise ZImageError(f"the LoRA state dict {what}: give a dict of tensor names to torch tensors, or the "
+                              ".safetensors file.")
+        return "LoRA", "LoRA state dict", dict(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ZImageError(f"a LoRA must be a .safetensors file path (str or Path) or a state dict, got {source!r} "
+                          f"({type(source).__name__}).")
+    from .safetensors_io import Checkpoint, check_regular_file
 
+    check_regular_file(source, "LoRA", "give the LoRA's .safetensors file")
     ckpt = Checkpoint.from_path(source)
-    if len(ckpt.files) != 1:
-        raise ZImageError(f"{source}: a LoRA is one .safetensors file, not a folder.")
-    f = ckpt.files[0]
-    return os.path.basename(str(source)), dict(f.iter_tensors())
+    return os.path.basename(str(source)), str(source), dict(ckpt.files[0].iter_tensors())
 
 
 def load_lora(source, shapes: dict[str, tuple] | None = None,
@@ -322,9 +332,11 @@ def load_lora(source, shapes: dict[str, tuple] | None = None,
     ``shapes``: canonical (original-layout, unprefixed) transformer weight name -> shape; when given, each
     patch is checked against its target and a mismatch (a LoRA of another model size, a layer the model
     does not have) is reported in ``unmatched`` instead of applied. ``text_encoder_shapes`` likewise for the
-    Qwen3 names. Raises ``ZImageError`` for unsupported weight forms and when nothing at all matches.
+    Qwen3 names. Raises ``ZImageError`` for unsupported weight forms, when nothing at all matches, and for a
+    damaged adapter (``check_patch``: dtypes, factor shapes against each other, ranks, alpha, ``dora_scale``,
+    NaN/Inf in any tensor, a product that overflows fp32), before anything is merged.
     """
-    name, state = _read(source)
+    name, where, state = _read(source)
     lora = LoraFile(name)
     groups: dict[str, dict[str, tuple[str, str, torch.Tensor]]] = {}
     for key, tensor in state.items():
@@ -356,7 +368,7 @@ def load_lora(source, shapes: dict[str, tuple] | None = None,
                 lora.unmatched[k] = cause
             continue
         try:
-            patches = _build_patches(base, parts, name)
+            patches = _build_patches(base, parts, name, where)
         except _Unmatched as err:
             for k in keys:
                 lora.unmatched[k] = str(err)
@@ -407,10 +419,14 @@ def _form_name(patch: Patch) -> str:
             "diff": "diff"}[patch.form]
 
 
-def _build_patches(base: str, parts: dict, name: str) -> list[tuple[str, Patch]]:
+def _build_patches(base: str, parts: dict, name: str, where: str = "") -> list[tuple[str, Patch]]:
     """(``weight``/``bias``, Patch) for one key base, by ComfyUI's rules: alpha and dora_scale go with the
-    adapter; ``diff``/``w_norm`` patch the weight, ``diff_b``/``b_norm`` the bias."""
-    alpha = float(parts["alpha"][2].float().item()) if "alpha" in parts else None
+    adapter; ``diff``/``w_norm`` patch the weight, ``diff_b``/``b_norm`` the bias. Each patch is checked
+    (``check_patch``) before it is returned."""
+    where = where or name
+    for key, _, tensor in parts.values():
+        _check_dtype(where, key, tensor, integers=key.endswith(".alpha"))
+    alpha = _alpha(where, *parts["alpha"][::2]) if "alpha" in parts else None
     dora = parts["dora_scale"][2] if "dora_scale" in parts else None
     out: list[tuple[str, Patch]] = []
     roles = set(parts) - {"alpha", "dora_scale"}
@@ -440,7 +456,208 @@ def _build_patches(base: str, parts: dict, name: str) -> list[tuple[str, Patch]]
         out.append(("bias", Patch("diff", {"diff": t["bias"]}, source=base)))
     if not out:
         raise _Unmatched("alpha/dora_scale without any adapter weights")
+    common = {r: parts[r][0] for r in ("alpha", "dora_scale") if r in parts}
+    for suffix, patch in out:
+        if patch.form == "diff":
+            keys = {"diff": parts[suffix][0]}
+        else:
+            prefix = "" if patch.form == "lora" else f"{patch.form}:"
+            keys = {r: parts[prefix + r][0] for r in patch.tensors}
+        check_patch(patch, where, {**common, **keys})
     return out
+
+
+# ------------------------------------------------------------------------------------------- checks
+# Everything a merge could trip over is checked when the file is parsed, so a damaged LoRA is refused before any
+# weight changes. Cost: one pass over each tensor of the file (a rank-32 LoRA on every matrix of the 6B model is
+# ~190 MB in bf16); the exact product is computed only for a file whose cheap bound fails (see _check_product).
+MAX_LORA_STRENGTH = 100.0  # the strengths the API, the CLI and the node accept: -100..100
+FP32_MAX = float(torch.finfo(torch.float32).max)
+_CHUNK = 1 << 22  # elements per piece when scanning a tensor or a product (16 MiB of fp32)
+_ROLE_ORDER = ("up", "down", "w1", "w1a", "w1b", "w2", "w2a", "w2b", "diff")
+DAMAGED = "The file is damaged or was written by a broken tool: export or download the LoRA again"
+
+
+def _damaged(where: str, key: str, problem: str) -> ZImageError:
+    return ZImageError(f"{where}: LoRA tensor {key!r} {problem}. {DAMAGED}.")
+
+
+def _check_dtype(where: str, key: str, tensor: torch.Tensor, integers: bool = False) -> None:
+    """Factors must be floating point (fp8 included, as ComfyUI casts them); an integer tensor of a LoRA has no
+    scales to turn it into values (checkpoints with such tensors are refused too); ``alpha`` may be an integer."""
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if tensor.is_floating_point() or (integers and not tensor.is_complex() and tensor.dtype != torch.bool):
+        return
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise _damaged(where, key, f"is stored as {dtype}: LoRA tensors are real floating-point numbers (fp32, "
+                                   "fp16, bf16)")
+    raise ZImageError(f"{where}: LoRA tensor {key!r} is stored as {dtype}, an integer type without the scales that "
+                      "would turn it into weights (LoRA files have none; integer checkpoint tensors are refused the "
+                      "same way). Use the LoRA's fp16, bf16 or fp32 release, or convert it to one.")
+
+
+def _abs_max(tensor: torch.Tensor) -> float:
+    """max |x| in fp32, NaN when any element is NaN, inf when any is infinite. One pass, 16 MiB at a time."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0.0
+    best = 0.0
+    for part in flat.split(_CHUNK):
+        value = float(part.float().abs().amax())  # amax propagates NaN
+        if not math.isfinite(value):
+            return value
+        best = max(best, value)
+    return best
+
+
+def _alpha(where: str, key: str, tensor: torch.Tensor) -> float:
+    """ComfyUI's alpha: one finite number (``.item()``), scaling the patch by alpha / rank."""
+    if tensor.numel() != 1:
+        raise _damaged(where, key, f"has shape {list(tensor.shape)}: alpha is one number (shape [] or [1])")
+    value = float(tensor.reshape(()).to(torch.float64).item())
+    if not math.isfinite(value):
+        raise _damaged(where, key, f"is {value}: alpha must be a finite number")
+    return value
+
+
+def _matrix(where: str, key: str, tensor: torch.Tensor, role: str, flat: bool = False) -> tuple[int, int]:
+    """The (rows, columns) of a factor that must be a matrix (``flat``: columns are all dimensions after the
+    first, as ComfyUI flattens LoRA factors); no dimension may be 0."""
+    if tensor.dim() < 2 or (tensor.dim() > 2 and not flat):
+        raise _damaged(where, key, f"has shape {list(tensor.shape)}: a {role} is a matrix"
+                                   + (" [rows, columns] (trailing 1x1 allowed)" if flat else " [rows, columns]"))
+    rows, cols = tensor.shape[0], int(torch.Size(tensor.shape[1:]).numel())
+    if rows == 0 or cols == 0:
+        raise _damaged(where, key, f"has shape {list(tensor.shape)}: a {role} of rank 0 (an empty factor) "
+                                   "changes nothing and cannot be scaled by alpha/rank")
+    return rows, cols
+
+
+def _pair(where: str, keys: dict, a: str, b: str, left: torch.Tensor, right: torch.Tensor, what: str,
+          flat: bool = False) -> tuple[int, int, int]:
+    """``left @ right``: (rows, inner rank, columns), the inner sizes equal."""
+    rows, inner = _matrix(where, keys[a], left, f"{what} up factor ({a})", flat)
+    rank, cols = _matrix(where, keys[b], right, f"{what} down factor ({b})", flat)
+    if inner != rank:
+        raise _damaged(where, keys[a], f"has shape {list(left.shape)} but its partner {keys[b]!r} has shape "
+                                       f"{list(right.shape)}: the rank must be the same in both ({inner} columns of "
+                                       f"the first, {rank} rows of the second)")
+    return rows, rank, cols
+
+
+def check_patch(patch: Patch, where: str, keys: dict[str, str]) -> None:
+    """A patch whose factors fit together, hold finite numbers and whose product stays finite in fp32 at every
+    allowed strength; ``keys``: the file's key of each role (``up``, ``w1a``, ``alpha``, ``dora_scale`` ...).
+    Raises a ``ZImageError`` naming the file, the key and the fix. The fit with the model's weight is checked
+    afterwards (``_shape_problem``: a LoRA of another model is listed in ``unmatched``)."""
+    t = patch.tensors
+    if patch.form == "lora":
+        out_f, _, in_f = _pair(where, keys, "up", "down", t["up"], t["down"], "LoRA", flat=True)
+    elif patch.form == "loha":
+        out_f, _, in_f = _pair(where, keys, "w1a", "w1b", t["w1a"], t["w1b"], "LoHa")
+        out2, _, in2 = _pair(where, keys, "w2a", "w2b", t["w2a"], t["w2b"], "LoHa")
+        if (out2, in2) != (out_f, in_f):
+            raise _damaged(where, keys["w2a"], f"and {keys['w2b']!r} make a [{out2}, {in2}] matrix but "
+                                               f"{keys['w1a']!r} and {keys['w1b']!r} a [{out_f}, {in_f}] one: LoHa's "
+                                               "two products are multiplied element by element and must be the same size")
+    elif patch.form == "lokr":
+        sizes = []
+        for i in ("1", "2"):
+            if f"w{i}" in t:
+                sizes.append(_matrix(where, keys[f"w{i}"], t[f"w{i}"], f"LoKr factor (w{i})"))
+            else:
+                rows, _, cols = _pair(where, keys, f"w{i}a", f"w{i}b", t[f"w{i}a"], t[f"w{i}b"], "LoKr")
+                sizes.append((rows, cols))
+        out_f, in_f = sizes[0][0] * sizes[1][0], sizes[0][1] * sizes[1][1]
+    else:
+        if t["diff"].numel() == 0:
+            raise _damaged(where, keys["diff"], f"has shape {list(t['diff'].shape)}: an empty difference")
+        out_f, in_f = t["diff"].shape[0], t["diff"][0].numel() if t["diff"].dim() > 1 else 1
+    norm_length = None  # DoRA per input column: the merged weight's column norms, over out_f values each
+    if patch.dora_scale is not None:
+        shape = list(patch.dora_scale.shape)
+        rows_form = patch.dora_scale.dim() >= 2 and shape[0] == out_f and patch.dora_scale.numel() == out_f
+        cols_form = patch.dora_scale.dim() == 2 and shape == [1, in_f] and not rows_form
+        norm_length = out_f if cols_form else None
+        if not (rows_form or cols_form):
+            raise _damaged(where, keys["dora_scale"], f"has shape {shape}: DoRA's magnitude is [{out_f}, 1] (one per "
+                                                      f"output row) or [1, {in_f}] (one per input column) for this "
+                                                      f"[{out_f}, {in_f}] patch")
+    maxima = {}
+    for role, tensor in t.items():
+        value = _abs_max(tensor)
+        if not math.isfinite(value):
+            raise _damaged(where, keys[role], "holds NaN or Inf values: merged, it would turn every image black "
+                                              "or make sampling fail")
+        maxima[role] = value
+    if patch.dora_scale is not None and not math.isfinite(_abs_max(patch.dora_scale)):
+        raise _damaged(where, keys["dora_scale"], "holds NaN or Inf values")
+    _check_product(patch, where, keys, maxima, norm_length)
+
+
+def _check_product(patch: Patch, where: str, keys: dict, maxima: dict[str, float], norm_length: int | None) -> None:
+    """The merged delta ``strength * alpha/rank * product`` must be finite in fp32 for |strength| up to
+    MAX_LORA_STRENGTH (DoRA per input column: the merged weight's column norms, over ``norm_length`` values, must
+    be too, so |delta| <= sqrt(fp32 max / n) / 2; per output row ComfyUI takes the original weight's norms).
+
+    First a bound from the maxima already taken (free): |up @ down| <= rank * max|up| * max|down|, LoHa the product
+    of two such bounds, LoKr max|w1| * max|w2|. Real LoRAs pass it by 30 orders of magnitude. Only when it fails is
+    the product computed, in fp32 as the merge computes it, 16 MiB of rows at a time on the CPU (the cost of one
+    merge of that weight), and its true maximum used: so a file is refused only when the merge really overflows."""
+    t = patch.tensors
+    scale = abs(patch._scale())
+    limit = FP32_MAX / MAX_LORA_STRENGTH if norm_length is None else math.sqrt(FP32_MAX / norm_length) / 2
+    if patch.form == "diff":
+        bound = maxima["diff"]
+    elif patch.form == "lora":
+        bound = t["down"].shape[0] * maxima["up"] * maxima["down"]
+    elif patch.form == "loha":
+        bound = (t["w1b"].shape[0] * maxima["w1a"] * maxima["w1b"]) * (t["w2b"].shape[0] * maxima["w2a"] * maxima["w2b"])
+    else:
+        bound = 1.0
+        for i in ("1", "2"):
+            bound *= maxima[f"w{i}"] if f"w{i}" in t else t[f"w{i}b"].shape[0] * maxima[f"w{i}a"] * maxima[f"w{i}b"]
+    if scale * bound < limit:
+        return
+    if patch.form == "diff":
+        raise _damaged(where, keys["diff"], f"holds values up to {bound:.3g}: at strength {MAX_LORA_STRENGTH:g} the "
+                                            "merged weight would overflow fp32 (Inf/NaN weights, black images)")
+    exact = _product_max(patch)
+    if not math.isfinite(exact) or scale * exact >= limit:
+        roles = sorted(patch.tensors, key=_ROLE_ORDER.index)
+        size = "overflow fp32" if not math.isfinite(exact) else f"reach {scale * exact:.3g} at strength 1"
+        raise _damaged(where, keys[roles[0]], f"and its partner factors ({', '.join(repr(keys[r]) for r in roles[1:])}"
+                                     f") multiply to values that {size}: merged at the strengths allowed (up to "
+                                     f"{MAX_LORA_STRENGTH:g}), they would give Inf/NaN weights and black images")
+
+
+def _product_max(patch: Patch) -> float:
+    """max |product| of a LoRA/LoHa/LoKr patch in fp32, computed in pieces of rows (NaN/inf when it overflows)."""
+    t = {k: v.float() for k, v in patch.tensors.items()}
+
+    def rows_max(rows: int, fn) -> float:  # fn(row slice) -> those rows of the product
+        best = 0.0
+        step = max(1, _CHUNK // fn(slice(0, 1)).shape[1])
+        for start in range(0, rows, step):
+            value = float(fn(slice(start, start + step)).abs().amax())
+            if not math.isfinite(value):
+                return value
+            best = max(best, value)
+        return best
+
+    if patch.form == "lora":
+        up, down = t["up"].flatten(1), t["down"].flatten(1)
+        return rows_max(up.shape[0], lambda r: up[r] @ down)
+    if patch.form == "loha":
+        return rows_max(t["w1a"].shape[0], lambda r: (t["w1a"][r] @ t["w1b"]) * (t["w2a"][r] @ t["w2b"]))
+    result = 1.0
+    for i in ("1", "2"):  # max |kron(w1, w2)| = max |w1| * max |w2|
+        if f"w{i}" in t:
+            result *= _abs_max(t[f"w{i}"])
+        else:
+            a, b = t[f"w{i}a"], t[f"w{i}b"]
+            result *= rows_max(a.shape[0], lambda r, a=a, b=b: a[r] @ b)
+    return result
 
 
 def _qkv_rows(target: str, shapes, patch: Patch) -> int:

@@ -74,7 +74,7 @@ def quant_layout(checkpoint_keys, metadata: dict | None = None, dtypes: dict | N
 
 
 def describe(checkpoint_keys, metadata: dict | None = None, dtypes: dict | None = None,
-             read=None) -> str:
+             read=None, source: str = "the file") -> str:
     """One line naming the layout and its formats, e.g. 'comfy_quant mixed precision: float8_e4m3fn x 200'."""
     layout = quant_layout(checkpoint_keys, metadata, dtypes)
     if layout == "plain":
@@ -87,7 +87,7 @@ def describe(checkpoint_keys, metadata: dict | None = None, dtypes: dict | None 
     if read is None:
         return {"comfy_quant": "comfy_quant mixed precision (per-layer .comfy_quant)",
                 "quantization_metadata": "mixed precision (_quantization_metadata header)"}[layout]
-    layers = layer_configs(checkpoint_keys, metadata, read)
+    layers = layer_configs(checkpoint_keys, metadata, read, source)
     counts: dict[str, int] = {}
     for conf in layers.values():
         counts[_format_of(conf)] = counts.get(_format_of(conf), 0) + 1
@@ -103,25 +103,54 @@ def _format_of(conf: dict) -> str:
     return fmt
 
 
-def layer_configs(checkpoint_keys, metadata: dict | None, read) -> dict[str, dict]:
+DAMAGED = ("The file is damaged or was written by a broken tool: download or convert it again, or use the bf16 "
+           "file (with fp8 storage if memory is short)")
+
+
+def _conf(source: str, where: str, conf) -> dict:
+    """One layer's quantization JSON: an object with a ``format`` string (``params`` an object if given)."""
+    if not isinstance(conf, dict):
+        raise ZImageError(f"{source}: {where} is a JSON {type(conf).__name__}, not an object like "
+                          f'{{"format": "float8_e4m3fn"}}. {DAMAGED}.')
+    if not isinstance(conf.get("format"), str):
+        raise ZImageError(f"{source}: {where} has no \"format\" string (got {conf.get('format')!r}); expected one of "
+                          f"{', '.join(SUPPORTED)}. {DAMAGED}.")
+    if "params" in conf and not isinstance(conf["params"], dict):
+        raise ZImageError(f"{source}: {where} has \"params\" {conf['params']!r}, not an object. {DAMAGED}.")
+    return dict(conf)
+
+
+def layer_configs(checkpoint_keys, metadata: dict | None, read, source: str = "the file") -> dict[str, dict]:
     """Layer name (as in the file, with its prefix) -> quantization JSON, for any of the layouts.
-    ``read(key)`` returns a tensor of the file."""
+    ``read(key)`` returns a tensor of the file. A header or ``.comfy_quant`` tensor that is not the JSON object
+    the layout needs is refused naming the file and the tensor."""
     keys = list(checkpoint_keys)
     if metadata and "_quantization_metadata" in metadata:
         try:
-            layers = json.loads(metadata["_quantization_metadata"])["layers"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ZImageError(f"the file's _quantization_metadata header is not valid ({err}); download it again.") from None
-        return {k: dict(v) for k, v in layers.items()}
+            header = json.loads(metadata["_quantization_metadata"])
+        except ValueError as err:
+            raise ZImageError(f"{source}: the _quantization_metadata header is not valid JSON ({err}). {DAMAGED}.") \
+                from None
+        layers = header.get("layers") if isinstance(header, dict) else None
+        if not isinstance(layers, dict):
+            got = type(header).__name__ if not isinstance(header, dict) else f'"layers" as a {type(layers).__name__}'
+            raise ZImageError(f"{source}: the _quantization_metadata header must be an object whose \"layers\" maps "
+                              f'each layer name to its format ({{"layers": {{"<layer>": {{"format": ...}}}}}}), got '
+                              f"{got}. {DAMAGED}.")
+        return {k: _conf(source, f"_quantization_metadata layer {k!r}", v) for k, v in layers.items()}
     if any(k.endswith(".comfy_quant") for k in keys):
         out = {}
         for k in keys:
             if k.endswith(".comfy_quant"):
                 raw = read(k)
+                if raw.dtype != torch.uint8 or raw.dim() != 1:
+                    raise ZImageError(f"{source}: tensor {k!r} is {str(raw.dtype).replace('torch.', '')} of shape "
+                                      f"{list(raw.shape)}; a .comfy_quant tensor is 1-D uint8 (JSON text). {DAMAGED}.")
                 try:
-                    out[k[: -len(".comfy_quant")]] = json.loads(raw.numpy().tobytes())
+                    conf = json.loads(raw.numpy().tobytes())
                 except ValueError:
-                    raise ZImageError(f"{k}: not a valid comfy_quant JSON tensor; the file is damaged.") from None
+                    raise ZImageError(f"{source}: tensor {k!r} is not valid comfy_quant JSON text. {DAMAGED}.") from None
+                out[k[: -len(".comfy_quant")]] = _conf(source, f"tensor {k!r}", conf)
         return out
     if _marker(keys) or any(k.endswith(".scale_weight") for k in keys):
         return {k[: -len(".scale_weight")]: {"format": "float8_e4m3fn", "legacy": True}
@@ -238,17 +267,163 @@ def fp8_rows(tensor: torch.Tensor, companions: dict[str, torch.Tensor], conf: di
     return None
 
 
+# ----------------------------------------------------------------------------------------------- checks
+# Every layer's layout is checked when the file is opened, before anything is dequantized or loaded: what the
+# config declares against the file's own tensors. Cost: the header's dtypes and shapes (free) and one pass over
+# the scale tensors, which the reader holds anyway (per-tensor scales: bytes; block scales: 1/8 (nvfp4) or 1/32
+# (mxfp8) of the quantized data).
+E8M0 = getattr(torch, "float8_e8m0fnu", None)
+_DATA_DTYPES = {  # the stored dtypes each declared format's data may have (uint8: fp8 bytes written as U8)
+    "float8_e4m3fn": (torch.float8_e4m3fn, torch.uint8),
+    "float8_e5m2": (torch.float8_e5m2, torch.uint8),
+    "int8_tensorwise": (torch.int8,),
+    "int8_convrot": (torch.int8,),
+    "mxfp8": (torch.float8_e4m3fn, torch.uint8),
+    "nvfp4": (torch.uint8,),
+}
+_LEGACY_DATA = (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8)  # a scaled_fp8 file's marker names e4m3 or e5m2
+_WEIGHT_SCALES = ("weight_scale", "scale_weight", "weight_scale_2")
+_BLOCK = {"mxfp8": 32, "nvfp4": 16}  # values per block scale
+
+
+def _dtype(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _names(dtypes) -> str:
+    return " or ".join(_dtype(d) for d in dtypes)
+
+
+def _padded_blocks(rows: int, blocks: int) -> int:
+    """Entries of a block-scale tensor in cuBLAS's tiled layout: rows padded to 128, blocks to 4."""
+    return -(-rows // 128) * 128 * (-(-blocks // 4) * 4)
+
+
+def check_layout(source: str, layout: str, layers: dict[str, dict], dtypes: dict, shapes: dict,
+                 companions: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Refuse a quantized file whose declarations and tensors disagree, naming the file, the tensor, what was
+    expected and the fix: a config naming a layer the file lacks; a scale no config claims; fp8 data without its
+    scale where the layout has scales; a declared format whose data has another dtype or shape; scales of the
+    wrong shape or dtype, missing, zero or not finite."""
+    def bad(key, problem):
+        raise ZImageError(f"{source}: tensor {key!r} {problem}. {DAMAGED}.")
+
+    scaled = layout in ("scaled_fp8", "comfy_quant", "quantization_metadata")
+    declared_by = {"scaled_fp8": "its .scale_weight tensors", "comfy_quant": "its .comfy_quant tensors",
+                   "quantization_metadata": "the _quantization_metadata header"}.get(layout, "")
+    for layer, extra in companions.items():
+        for suffix in extra:
+            if suffix in _WEIGHT_SCALES and (layer not in layers or not scaled):
+                raise ZImageError(
+                    f"{source}: tensor {layer + '.' + suffix!r} is a weight scale of layer {layer!r}, but "
+                    + (f"the file's quantization config ({declared_by}) does not name that layer" if scaled else
+                       "the file declares no quantization (no .comfy_quant tensors, _quantization_metadata header or "
+                       "scaled_fp8 marker)")
+                    + ": the scale would be dropped and the weights load wrong"
+                    + (" (a config whose layer names differ from the tensors', e.g. by a prefix, does this)" if scaled
+                       else "") + f". {DAMAGED}.")
+    for layer, conf in layers.items():
+        key = f"{layer}.weight"
+        if key not in dtypes:
+            example = next((k for k in dtypes if k.endswith(".weight") and dtypes[k].itemsize == 1), None)
+            raise ZImageError(
+                f"{source}: its quantization config names layer {layer!r}, but the file has no tensor {key!r}"
+                + (f" (its quantized weights are named like {example!r})" if example else "")
+                + f": the config does not describe this file. {DAMAGED}.")
+        fmt, stored, shape = _format_of(conf), dtypes[key], tuple(shapes[key])
+        allowed = _LEGACY_DATA if conf.get("legacy") else _DATA_DTYPES[fmt]
+        if stored not in allowed:
+            bad(key, f"is stored as {_dtype(stored)} but its layer is declared {fmt}, whose data is {_names(allowed)}")
+        if len(shape) != 2:
+            bad(key, f"has shape {list(shape)}; a quantized weight is a matrix [out, in]")
+        rows, cols = shape[0], shape[1] * (2 if fmt == "nvfp4" else 1)  # nvfp4: two values per byte
+        extra = companions.get(layer, {})
+        for suffix in extra:
+            if suffix == "pre_quant_scale":
+                raise ZImageError(f"{source}: tensor {layer + '.pre_quant_scale'!r} is an AWQ input smoothing scale "
+                                  "(ModelOpt), which this loader does not apply: loading without it would silently "
+                                  f"change the layer. Use a file without it: {INSTEAD}.")
+            if suffix == "weight_scale_2" and fmt != "nvfp4":
+                bad(f"{layer}.weight_scale_2", f"belongs to nvfp4 layers, but {layer!r} is declared {fmt}")
+        if "weight_scale" in extra and "scale_weight" in extra:
+            bad(f"{layer}.scale_weight", "and .weight_scale both exist: one layer has one weight scale")
+        scale_key = f"{layer}.weight_scale" if "weight_scale" in extra else f"{layer}.scale_weight"
+        scale = extra.get("weight_scale", extra.get("scale_weight"))
+        if scale is None and (scaled or fmt not in ("float8_e4m3fn", "float8_e5m2")):
+            bad(f"{layer}.weight_scale", f"is missing: a {fmt} layer of this file's layout ({layout}) is stored with its "
+                                         "weight scale; without it the weights would load unscaled and wrong")
+        if fmt in _BLOCK:
+            block = _BLOCK[fmt]
+            if cols % block:
+                bad(key, f"has {cols} input columns, not a multiple of {fmt}'s block of {block}")
+            kinds = (E8M0, torch.uint8) if fmt == "mxfp8" else (torch.float8_e4m3fn, torch.uint8)
+            kinds = tuple(k for k in kinds if k is not None)
+            need = _padded_blocks(rows, cols // block)
+            if scale.dtype not in kinds:
+                bad(scale_key, f"is {_dtype(scale.dtype)}; {fmt} block scales are {_names(kinds)}")
+            if scale.numel() != need or scale.dim() > 2:
+                bad(scale_key, f"has shape {list(scale.shape)}; the {fmt} block scales of a [{rows}, {cols}] weight are "
+                               f"{need} entries ([{-(-rows // 128) * 128}, {-(-(cols // block) // 4) * 4}]: one per "
+                               f"{block} columns, padded to 128 x 4 tiles)")
+            if fmt == "mxfp8":
+                if bool((scale.view(torch.uint8) == 255).any()):
+                    bad(scale_key, "holds the E8M0 NaN code 255 (a block scale that is not a number)")
+            elif not bool(torch.isfinite(scale.view(torch.float8_e4m3fn).float()).all()):
+                bad(scale_key, "holds NaN block scales")
+            if fmt == "nvfp4":
+                second = extra.get("weight_scale_2")
+                if second is None:
+                    bad(f"{layer}.weight_scale_2", "is missing: an nvfp4 layer needs its per-tensor scale "
+                                                   "weight_scale_2 besides the block scales")
+                _check_tensor_scale(bad, f"{layer}.weight_scale_2", second, rows, per_row=False)
+        elif scale is not None:
+            _check_tensor_scale(bad, scale_key, scale, rows, per_row=True)
+        if fmt == "int8_convrot":
+            params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+            group = conf.get("convrot_groupsize", params.get("convrot_groupsize", 256))
+            if not isinstance(group, int) or isinstance(group, bool) or group < 4 or group & (group - 1) \
+                    or (group.bit_length() - 1) % 2 or cols % group:
+                bad(key, f"is declared int8 ConvRot with group {group!r}; the group must be a power of 4 (16, 64, 256, "
+                         f"...) dividing its {cols} input columns")
+        for suffix in ("input_scale", "scale_input"):
+            if suffix in extra:
+                _check_tensor_scale(bad, f"{layer}.{suffix}", extra[suffix], rows, per_row=False)
+    if scaled:
+        for key, stored in dtypes.items():
+            if stored in (torch.float8_e4m3fn, torch.float8_e5m2) and not is_companion(key) \
+                    and not (key.endswith(".weight") and key[: -len(".weight")] in layers):
+                bad(key, f"is stored as {_dtype(stored)} with no scale, but this file's layout ({layout}) stores its fp8 "
+                         f"layers with their scales (declared by {declared_by}): it would load unscaled and wrong")
+
+
+def _check_tensor_scale(bad, key: str, scale: torch.Tensor, rows: int, per_row: bool) -> None:
+    """A per-tensor scale (one number; ``per_row``: or one per output row, [rows, 1]) in a float type of 16 or
+    32 bits, finite and non-zero."""
+    shapes = "one number (shape [] or [1])" + (f" or one per output row ([{rows}, 1])" if per_row else "")
+    if not scale.is_floating_point() or scale.dtype.itemsize < 2:
+        bad(key, f"is {_dtype(scale.dtype)}; a scale is float32, float16 or bfloat16")
+    if not (scale.numel() == 1 or (per_row and tuple(scale.shape) == (rows, 1))):
+        bad(key, f"has shape {list(scale.shape)}; a scale here is {shapes}")
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()):
+        bad(key, "holds NaN or Inf: the layer's weights would all be NaN")
+    if bool((values == 0).any()):
+        bad(key, "is zero: the layer's weights would all be zero")
+
+
 class QuantizedReader:
     """A checkpoint seen through its quantization: ``iter_tensors`` yields ``(key, tensor)`` with every quantized
     weight dequantized to ``dtype`` and the companion tensors (scales, JSON, marker) consumed."""
 
     def __init__(self, ckpt, metadata: dict | None = None):
         self.ckpt = ckpt
+        files = getattr(ckpt, "files", [])
+        self.source = str(files[0].path) if len(files) == 1 else getattr(ckpt, "name", "the checkpoint")
         keys = ckpt.keys()
         self.metadata = metadata if metadata is not None else _metadata(ckpt)
         dtypes = {k: ckpt.dtype(k) for k in keys}
         self.layout = quant_layout(keys, self.metadata, dtypes)
-        self.layers = layer_configs(keys, self.metadata, ckpt.read) if self.layout != "plain" else {}
+        self.layers = layer_configs(keys, self.metadata, ckpt.read, self.source) if self.layout != "plain" else {}
         if self.layout == "fp8_cast":
             self.layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn" if d == torch.float8_e4m3fn else "float8_e5m2"}
                            for k, d in dtypes.items() if k.endswith(".weight") and d in (torch.float8_e4m3fn, torch.float8_e5m2)}
@@ -261,7 +436,8 @@ class QuantizedReader:
             if k.endswith(COMPANION_SUFFIXES) and not k.endswith(".comfy_quant"):
                 layer, _, suffix = k.rpartition(".")
                 self.companions.setdefault(layer, {})[suffix] = ckpt.read(k)
-        self.description = describe(keys, self.metadata, dtypes, ckpt.read)
+        check_layout(self.source, self.layout, self.layers, dtypes, {k: ckpt.shape(k) for k in keys}, self.companions)
+        self.description = describe(keys, self.metadata, dtypes, ckpt.read, self.source)
 
     @property
     def quantized(self) -> bool:

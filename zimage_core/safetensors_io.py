@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # mxfp8 block scales as comfy-kitchen writes them (safetensors >= 0.6)
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -61,8 +64,8 @@ class StagingBuffer:
         return self._buf[:nbytes]
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-             "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8, "I32": 4,
+             "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _open(path: Path):
@@ -76,6 +79,36 @@ def _open(path: Path):
         raise ZImageError(f"{path} is a folder, not a .safetensors file.") from None
     except OSError as err:
         raise ZImageError(f"{path} cannot be read: {err.strerror or err}.") from None
+
+
+def _kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "", fix: str = "give a .safetensors file") -> Path:
+    """``path`` as a ``Path`` when it names an existing regular file (a symlink to one counts); else a
+    ``ZImageError`` saying what it is instead: missing, a folder, a FIFO, a device (``/dev/zero``), a socket.
+
+    One ``stat`` call. Opening a FIFO would block until a writer comes and a device never ends, so nothing is
+    opened before this check passes."""
+    path = Path(path)
+    named = f"{what} {path}" if what else str(path)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError) as err:
+        missing = f"{named} not found" if what else f"file not found: {path}"
+        why = " (a part of the path is a file, not a folder)" if isinstance(err, NotADirectoryError) else ""
+        raise ZImageError(f"{missing}{why}. Check the path, or put the file there.") from None
+    except OSError as err:
+        raise ZImageError(f"{named} cannot be read: {err.strerror or err}.") from None
+    if not stat.S_ISREG(mode):
+        raise ZImageError(f"{named} is {_kind(mode)}, not a regular file: {fix}.")
+    return path
 
 
 def _is_uint(value) -> bool:
@@ -150,9 +183,7 @@ class SafetensorsFile:
     """Header of one ``.safetensors`` file, checked as strictly as the safetensors library, and reads of single tensors."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ZImageError(f"file not found: {self.path}. Check the path, or put the file there.")
+        self.path = check_regular_file(path)
         size = self.path.stat().st_size
         with _open(self.path) as fh:
             head = fh.read(8)
@@ -235,14 +266,15 @@ class Checkpoint:
         """A ``.safetensors`` file, or a folder holding one or more (sharded with an index, or not)."""
         path = Path(path)
         if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
+            files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
             if not files:
+                if path.suffix == ".safetensors":  # meant as one file
+                    raise ZImageError(f"{path} is a folder, not a regular file: give the .safetensors file itself.")
                 extra = " (.bin/.pt pickles are not loaded: convert them to safetensors)" if any(
                     path.glob("*.bin")) or any(path.glob("*.pt")) else ""
                 raise ZImageError(f"no .safetensors files in {path}{extra}.")
             return cls(files)
-        if not path.exists():
-            raise ZImageError(f"file not found: {path}. Check the path, or put the file there.")
+        check_regular_file(path)
         if path.suffix != ".safetensors":
             raise ZImageError(
                 f"{path.name}: only .safetensors files are loaded (pickled .ckpt/.pt/.bin files can run code). "
@@ -283,7 +315,7 @@ class Checkpoint:
 
 def check_loaded_tensor(name: str, tensor: torch.Tensor, expected: torch.Tensor, source: str) -> None:
     """A file tensor fits the model's parameter ``expected`` (dtype kind and shape), or a message naming both."""
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or tensor.dtype == _DTYPES.get("F8_E8M0"):  # E8M0: powers of two, scales only
         raise ZImageError(
             f"{source}: tensor {name!r} is stored as {str(tensor.dtype).replace('torch.', '')}, but the model needs "
             "floating-point weights (bf16, fp16, fp32 or fp8). An integer tensor without the scales of a known "

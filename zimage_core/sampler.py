@@ -18,6 +18,7 @@ import torch
 
 from .denoiser import Denoiser
 from .errors import GenerationCancelled, ZImageError
+from .inputs import is_int
 from . import samplers, schedules
 
 from .options import LATENT_CHANNELS, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS, SIZE_MULTIPLE
@@ -25,7 +26,7 @@ from .options import LATENT_CHANNELS, MAX_SIZE, MAX_STEPS, MIN_SIZE, MIN_STEPS, 
 
 def check_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):  # numpy integers too
             raise ZImageError(f"{name} must be a whole number of pixels, got {value!r}.")
         if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
             lower = max(MIN_SIZE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
@@ -37,15 +38,15 @@ def check_size(width: int, height: int) -> None:
 
 
 def check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or not MIN_STEPS <= steps <= MAX_STEPS:
-        raise ZImageError(f"steps {steps!r} is out of range: use {MIN_STEPS}..{MAX_STEPS} (Z-Image-Turbo is made for 8).")
+    if not is_int(steps) or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise ZImageError(f"steps {int(steps) if is_int(steps) else repr(steps)} is out of range: use {MIN_STEPS}..{MAX_STEPS} (Z-Image-Turbo is made for 8).")
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """ComfyUI's KSampler noise: ``torch.manual_seed(seed); torch.randn(shape)``, float32 on the CPU."""
-    if not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ZImageError(f"seed {seed!r} is out of range: use a whole number in 0..{2**64 - 1}.")
-    generator = torch.Generator("cpu").manual_seed(seed)
+    if not is_int(seed) or not 0 <= seed < 2**64:
+        raise ZImageError(f"seed {int(seed) if is_int(seed) else repr(seed)} is out of range: use a whole number in 0..{2**64 - 1}.")
+    generator = torch.Generator("cpu").manual_seed(int(seed))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 

@@ -26,7 +26,7 @@ entries (steps of zero length) and ``ksampler_sigmas`` repeats them too.
 from __future__ import annotations
 
 import functools
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 
@@ -40,10 +40,11 @@ MAX_SHIFT = 100.0  # ModelSamplingAuraFlow's own maximum
 
 
 def _check_steps(steps) -> int:
-    if not isinstance(steps, int) or isinstance(steps, bool) or not MIN_STEPS <= steps <= MAX_STEPS:
-        raise ZImageError(f"steps {steps!r} is out of range: use a whole number in {MIN_STEPS}..{MAX_STEPS} "
+    if not isinstance(steps, Integral) or isinstance(steps, bool) or not MIN_STEPS <= steps <= MAX_STEPS:
+        shown = int(steps) if isinstance(steps, Integral) and not isinstance(steps, bool) else repr(steps)
+        raise ZImageError(f"steps {shown} is out of range: use a whole number in {MIN_STEPS}..{MAX_STEPS} "
                           "(Z-Image-Turbo is made for 8; ComfyUI's template uses 9).")
-    return steps
+    return int(steps)  # numpy integers too
 
 
 def _check_shift(shift) -> float:

@@ -148,19 +148,26 @@ def tiny_model_dir(root: str | os.PathLike | None = None) -> Path:
     """The demo's tiny diffusers folder, built once (deterministically) and cached."""
     from .tokenizer import comfy_tokenizer_dirs
 
+    from .inputs import check_model_dir
+
     path = Path(root) if root else cache_root() / f"tiny-{TINY_VERSION}"
+    check_model_dir(path, "model_dir")  # a file there: refused before anything is written next to it
     if (path / "model_index.json").is_file():
         return path
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    found = comfy_tokenizer_dirs()
-    if found:
-        tokenizer_dir = found[0]
-    else:
-        log.warning("no Qwen tokenizer installed: the demo uses a small byte-level BPE instead (random weights "
-                    "don't care which tokens they get).")
-        tokenizer_dir = _byte_level_tokenizer(tmp / "_bpe")
-    save_diffusers_folder(tmp, build_tiny_models(), tokenizer_dir=tokenizer_dir)
-    shutil.rmtree(tmp / "_bpe", ignore_errors=True)
-    tmp.rename(path)
+    try:
+        found = comfy_tokenizer_dirs()
+        if found:
+            tokenizer_dir = found[0]
+        else:
+            log.warning("no Qwen tokenizer installed: the demo uses a small byte-level BPE instead (random weights "
+                        "don't care which tokens they get).")
+            tokenizer_dir = _byte_level_tokenizer(tmp / "_bpe")
+        save_diffusers_folder(tmp, build_tiny_models(), tokenizer_dir=tokenizer_dir)
+        shutil.rmtree(tmp / "_bpe", ignore_errors=True)
+        tmp.rename(path)
+    except BaseException:  # a failed or interrupted build leaves nothing behind (~20 MB)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
