@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "example_workflows"
+WORKFLOWS = REPO / "workflows"  # ComfyUI serves it as a template folder, as it does example_workflows/
 PACK_NAME = "ComfyUI-Z-Image-Turbo"  # the custom_nodes folder name; the frontend's node badge shows "Z-Image-Turbo"
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # nodes that exist only in the browser
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}

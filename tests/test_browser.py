@@ -24,7 +24,7 @@ from comfy_harness import PACK_NAME, REPO, WORKFLOWS, ComfyServer, shared_env
 BROWSER_DIR = REPO / "tests" / "browser"
 CHROMIUM = os.environ.get("ZTURBO_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-T2I, I2I = "Z-Image Turbo - Text to Image", "Z-Image Turbo - Image to Image"
+T2I, I2I = "Text to Image", "Image to Image"
 SIZE_WIDGETS = ["width", "height", "batch_size"]
 RUN_EDITS = {  # what a user on a CPU would change before pressing Run: a small image, the small VAE
     T2I: [{"type": "ZTurboSampler", "widget": "width", "value": 128},

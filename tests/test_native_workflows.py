@@ -18,8 +18,8 @@ from PIL import Image
 
 from comfy_harness import REPO, ComfyServer, load_workflow, nodes_of, shared_env, ui_to_api
 
-LORA_WF = "Z-Image Turbo - Native LoRA Accelerate"
-FP16_WF = "Z-Image Turbo - Native fp16 Guard"
+LORA_WF = "Native LoRA Accelerate"
+FP16_WF = "Native fp16 Guard"
 LORA_FILE = "my_z_image_lora.safetensors"
 DETECT_NODE = f'''"""Test only: ComfyUI's UNETLoader loads the tiny Z-Image (written by tests/test_native_workflows.py)."""
 import sys

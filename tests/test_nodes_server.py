@@ -22,11 +22,11 @@ NODE_IDS = ["ZTurboFileLoader", "ZTurboDiffusersLoader", "ZTurboLoadOptions", "Z
             "ZTurboAccelerate", "ZTurboNativeVAEDecodeTiled"]
 DEPRECATED = ["ZTurboLoader"]  # 0.1's one-node loader: registered (saved workflows), hidden from search
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-T2I = "Z-Image Turbo - Text to Image"
-NATIVE = "Z-Image Turbo - Native Nodes"
-FP16 = "Z-Image Turbo - fp16 Guard"
-TILED = "Z-Image Turbo - 2048px Tiled"
-I2I = "Z-Image Turbo - Image to Image"
+T2I = "Text to Image"
+NATIVE = "Native Nodes"
+FP16 = "fp16 Guard"
+TILED = "2048px Tiled"
+I2I = "Image to Image"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Make the template browser's thumbnails (example_workflows/<name>.jpg) from a browser-test run:
+"""Make the template browser's thumbnails (workflows/<name>.jpg) from a browser-test run:
 
     ZTURBO_THUMBNAILS=1 .venv/bin/python -m pytest -q tests/test_browser.py --basetemp /tmp/zt-browser
     .venv/bin/python tests/browser/thumbnails.py /tmp/zt-browser/browser0
@@ -61,7 +61,7 @@ def make(run_dir: Path) -> list[Path]:
     results = json.loads((run_dir / "results.json").read_text())
     written = []
     for name, result in results["workflows"].items():
-        target = REPO / "example_workflows" / f"{name}.jpg"
+        target = REPO / "workflows" / f"{name}.jpg"
         thumbnail(name, Path(result.get("thumbnail") or result["screenshot"]), result.get("screen_box")).save(
             target, quality=85, optimize=True, progressive=True)
         written.append(target)
