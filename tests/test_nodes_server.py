@@ -84,8 +84,8 @@ def execution_error(entry: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ object_info
 def documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
-    """{node id: {input: (type, default)}} from the node tables of README.md."""
-    doc, node, tables = (REPO / "README.md").read_text(encoding="utf-8"), None, {}
+    """{node id: {input: (type, default)}} from the node tables of docs/nodes.md."""
+    doc, node, tables = (REPO / "docs" / "nodes.md").read_text(encoding="utf-8"), None, {}
     for line in doc.splitlines():
         heading = re.match(r"#+ .* — `(ZTurbo\w+)`$", line)
         if heading:
