@@ -101,7 +101,7 @@ def test_native_workflow_runs(server, name):
     else:
         assert accel["inputs"]["precision_guard"] == "auto"
     assert workflow["version"] == 0.4 and any(n["type"] == "MarkdownNote" for n in workflow["nodes"])
-    _, entry = run_small(server, name, prefix=name.split(" - ")[1].replace(" ", "_"))
+    _, entry = run_small(server, name, prefix=name.replace(" ", "_"))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
     (image,) = images(server, entry)
     assert image.size == (64, 48)
