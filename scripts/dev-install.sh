@@ -5,11 +5,14 @@
 #  .venv-comfy033  the same pins minus 0.3.75's frontend, plus ComfyUI 0.33.0's own pins
 #                  (requirements-dev-comfy033.txt); its code is ../shared/comfyui/ComfyUI-0.33.0-*.tar.gz,
 #                  which the tests unpack into a temporary folder.
+#  .venv-registry  comfy-cli, whose `comfy node validate` is the Comfy Registry's check of pyproject.toml
+#                  (tests/test_registry.py).
 # ComfyUI is a test dependency, never part of this pack. Then the browser test's tools, where that script exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 VENV033=${VENV033:-.venv-comfy033}
+VENV_REGISTRY=${VENV_REGISTRY:-.venv-registry}
 
 python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
@@ -26,6 +29,11 @@ python3 -m venv "$VENV033"
 "$VENV033/bin/python" -m pip install -q -r "$common" -r requirements-dev-comfy033.txt
 "$VENV033/bin/python" -m pip install -q --no-deps -e .
 echo "ready: $VENV033 (ComfyUI 0.33.0)"
+
+python3 -m venv "$VENV_REGISTRY"
+"$VENV_REGISTRY/bin/python" -m pip install -q --upgrade pip
+"$VENV_REGISTRY/bin/python" -m pip install -q comfy-cli==1.23.0
+echo "ready: $VENV_REGISTRY (comfy-cli $("$VENV_REGISTRY/bin/python" -m pip show comfy-cli | sed -n 's/^Version: //p'))"
 
 if [ -f scripts/browser-install.sh ]; then
     bash scripts/browser-install.sh

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = REPO / "example_workflows"
+WORKFLOWS = REPO / "workflows"  # ComfyUI serves it as a template folder, as it does example_workflows/
 PACK_NAME = "ComfyUI-Z-Image-Turbo"  # the custom_nodes folder name; the frontend's node badge shows "Z-Image-Turbo"
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # nodes that exist only in the browser
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -393,15 +393,15 @@ class ComfyServer:
 
     client_id = "zturbo-tests"
 
-    def __init__(self, env: ComfyEnv, log: Path):
-        self.env, self.port, self.log_path = env, free_port(), log
+    def __init__(self, env: ComfyEnv, log: Path, args: tuple[str, ...] = ()):
+        self.env, self.port, self.log_path, self.args = env, free_port(), log, tuple(args)  # args: e.g. --front-end-root
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def start(self, stall: float = STALL_S, overall: float = OVERALL_S) -> "ComfyServer":
         self.log = open(self.log_path, "w")
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+               "--disable-auto-launch", "--database-url", "sqlite:///:memory:", *self.args]
         # No HF_HUB_OFFLINE here (pytest's conftest sets it): the pack must stay off the network by itself.
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
         env["PYTHONUNBUFFERED"] = "1"

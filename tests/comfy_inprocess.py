@@ -105,15 +105,15 @@ def main(root: Path, out: Path) -> None:
     for path in sorted(WORKFLOWS.glob("*.json")):
         prompts[path.stem] = ui_to_api(json.loads(path.read_text(encoding="utf-8")), input_types)
         results["validate"][path.stem] = validate(json.loads(json.dumps(prompts[path.stem])))
-    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Text to Image"]))
+    broken = json.loads(json.dumps(prompts["Text to Image"]))
     loader_id = next(k for k, n in broken.items() if n["class_type"] == "ZTurboFileLoader")
     sampler_id = next(k for k, n in broken.items() if n["class_type"] == "ZTurboSampler")
     broken[sampler_id]["inputs"]["steps"] = 0
     results["validate_bad_steps"] = validate(broken)
-    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Text to Image"]))
+    broken = json.loads(json.dumps(prompts["Text to Image"]))
     broken[loader_id]["inputs"]["transformer"] = "z_image_turbo_fp8_e4m3fn.safetensors"
     results["validate_missing_model"] = validate(broken)  # accepted: the loader says what is missing when it runs
-    broken = json.loads(json.dumps(prompts["Z-Image Turbo - Native Nodes"]))
+    broken = json.loads(json.dumps(prompts["Native Nodes"]))
     decode_id = next(k for k, n in broken.items() if n["class_type"] == "VAEDecode")
     broken[decode_id]["inputs"]["vae"] = [loader_id, 0]  # ZTURBO_MODEL into a VAE input
     results["validate_bad_link"] = validate(broken)

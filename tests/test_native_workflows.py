@@ -18,8 +18,8 @@ from PIL import Image
 
 from comfy_harness import REPO, ComfyServer, load_workflow, nodes_of, shared_env, ui_to_api
 
-LORA_WF = "Z-Image Turbo - Native LoRA Accelerate"
-FP16_WF = "Z-Image Turbo - Native fp16 Guard"
+LORA_WF = "Native LoRA Accelerate"
+FP16_WF = "Native fp16 Guard"
 LORA_FILE = "my_z_image_lora.safetensors"
 DETECT_NODE = f'''"""Test only: ComfyUI's UNETLoader loads the tiny Z-Image (written by tests/test_native_workflows.py)."""
 import sys
@@ -101,7 +101,7 @@ def test_native_workflow_runs(server, name):
     else:
         assert accel["inputs"]["precision_guard"] == "auto"
     assert workflow["version"] == 0.4 and any(n["type"] == "MarkdownNote" for n in workflow["nodes"])
-    _, entry = run_small(server, name, prefix=name.split(" - ")[1].replace(" ", "_"))
+    _, entry = run_small(server, name, prefix=name.replace(" ", "_"))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
     (image,) = images(server, entry)
     assert image.size == (64, 48)

@@ -12,8 +12,8 @@ from comfy_harness import REPO, WORKFLOWS, ui_to_api, widget_slots
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 LOADERS = {"ZTurboFileLoader", "ZTurboLoader", "CLIPLoader", "VAELoader", "UNETLoader"}
-TITLES = ["Z-Image Turbo - 2048px Tiled", "Z-Image Turbo - Image to Image", "Z-Image Turbo - Native Nodes",
-          "Z-Image Turbo - Text to Image", "Z-Image Turbo - fp16 Guard"]
+TITLES = ["2048px Tiled", "Image to Image", "Native LoRA Accelerate", "Native Nodes", "Native fp16 Guard",
+          "Text to Image", "fp16 Guard"]
 MODEL_DIRECTORIES = {"diffusion_models", "text_encoders", "vae"}
 
 
@@ -36,10 +36,11 @@ def test_core_never_imports_comfyui():
 
 def test_example_workflows_with_titles_and_thumbnails():
     """ComfyUI's template browser shows a custom node's template by its file name (title and search text) and
-    fetches ``<name>.jpg`` beside it as the card's thumbnail (frontend 1.32 and 1.49 alike)."""
-    assert WORKFLOWS.name == "example_workflows"  # ComfyUI's convention (other names log a rename hint)
-    assert set(TITLES) <= {p.stem for p in WORKFLOW_FILES}
-    assert all(p.stem.startswith("Z-Image Turbo - ") for p in WORKFLOW_FILES)  # found by searching "Z-Image Turbo"
+    fetches ``<name>.jpg`` beside it as the card's thumbnail (frontends 1.32, 1.49 and 1.58 alike). The cards sit
+    under the pack's folder name (ComfyUI-Z-Image-Turbo), so the titles are short enough not to be cut off."""
+    assert WORKFLOWS == REPO / "workflows"  # the pack's design; ComfyUI 0.3.75 and 0.33 serve it as templates
+    assert not (REPO / "example_workflows").exists()  # one folder: ComfyUI would serve both under one route
+    assert sorted(TITLES) == sorted(p.stem for p in WORKFLOW_FILES)
     for path in WORKFLOW_FILES:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), thumb.name

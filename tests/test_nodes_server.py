@@ -22,11 +22,11 @@ NODE_IDS = ["ZTurboFileLoader", "ZTurboDiffusersLoader", "ZTurboLoadOptions", "Z
             "ZTurboAccelerate", "ZTurboNativeVAEDecodeTiled"]
 DEPRECATED = ["ZTurboLoader"]  # 0.1's one-node loader: registered (saved workflows), hidden from search
 WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-T2I = "Z-Image Turbo - Text to Image"
-NATIVE = "Z-Image Turbo - Native Nodes"
-FP16 = "Z-Image Turbo - fp16 Guard"
-TILED = "Z-Image Turbo - 2048px Tiled"
-I2I = "Z-Image Turbo - Image to Image"
+T2I = "Text to Image"
+NATIVE = "Native Nodes"
+FP16 = "fp16 Guard"
+TILED = "2048px Tiled"
+I2I = "Image to Image"
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +84,8 @@ def execution_error(entry: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ object_info
 def documented_inputs() -> dict[str, dict[str, tuple[str, str]]]:
-    """{node id: {input: (type, default)}} from the node tables of README.md."""
-    doc, node, tables = (REPO / "README.md").read_text(encoding="utf-8"), None, {}
+    """{node id: {input: (type, default)}} from the node tables of docs/nodes.md."""
+    doc, node, tables = (REPO / "docs" / "nodes.md").read_text(encoding="utf-8"), None, {}
     for line in doc.splitlines():
         heading = re.match(r"#+ .* — `(ZTurbo\w+)`$", line)
         if heading:

@@ -5,8 +5,9 @@ import { app } from "../../scripts/app.js";
 const SIZE_WIDGETS = new Set(["width", "height", "batch_size"]);
 
 function latentLinked(node) {
-    const input = node.inputs?.find((i) => i.name === "latent_image");
-    return input?.link != null;
+    // node.isInputConnected(slot): frontends 1.32 to 1.58 (1.58 reports reading input.link as deprecated)
+    const slot = node.inputs?.findIndex((i) => i.name === "latent_image") ?? -1;
+    return slot >= 0 && node.isInputConnected(slot);
 }
 
 function hideWidget(widget, hide) {
@@ -24,15 +25,24 @@ function hideWidget(widget, hide) {
     }
 }
 
+function refreshVueRows(node, widgets) {
+    // Nodes 2.0 of frontends before widget.visibility existed (1.49) reads `hidden` when the node's widget list
+    // changes, not when a widget changes: take each changed widget out of the list and put it back in its place, as
+    // the frontend's own dynamic widgets change the list. Where widgets carry `visibility` (1.58), `hidden` is live.
+    if (widgets.every((widget) => "visibility" in widget)) return;
+    for (const widget of widgets) {
+        const index = node.widgets.indexOf(widget);
+        node.widgets.splice(index, 1);
+        node.widgets.splice(index, 0, widget);
+    }
+}
+
 function syncSizeWidgets(node) {
     const hide = latentLinked(node);
-    let changed = false;
-    for (const widget of node.widgets ?? []) {
-        if (!SIZE_WIDGETS.has(widget.name) || !!widget.hidden === hide) continue;
-        hideWidget(widget, hide);
-        changed = true;
-    }
-    if (!changed) return;
+    const changed = (node.widgets ?? []).filter((widget) => SIZE_WIDGETS.has(widget.name) && !!widget.hidden !== hide);
+    for (const widget of changed) hideWidget(widget, hide);
+    if (!changed.length) return;
+    refreshVueRows(node, changed);
     const [, height] = node.computeSize();
     node.setSize([node.size[0], height]);
     node.setDirtyCanvas?.(true, true);

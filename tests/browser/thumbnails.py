@@ -1,10 +1,11 @@
-"""Make the template browser's thumbnails (example_workflows/<name>.jpg) from a browser-test run:
+"""Make the template browser's thumbnails (workflows/<name>.jpg) from a browser-test run:
 
-    ZTURBO_THUMBNAILS=1 .venv/bin/python -m pytest -q tests/test_browser.py --basetemp /tmp/zt-browser
+    .venv/bin/python -m pytest -q tests/test_browser.py --basetemp /tmp/zt-browser
     .venv/bin/python tests/browser/thumbnails.py /tmp/zt-browser/browser0
 
-The template browser shows square cards about 200 px wide, so each thumbnail is square: the workflow's name in
-large type above the graph as the frontend draws it right after loading (cropped to the nodes).
+The template browser shows square cards about 240 px wide, so each thumbnail is square: the pack's name, the
+workflow's name in large type, and the graph as the frontend's canvas renderer draws it right after loading
+(cropped to the nodes).
 """
 
 import json
@@ -38,10 +39,11 @@ def wrap(draw, text: str, face, width: int) -> list[str]:
 def thumbnail(name: str, shot: Path, box) -> Image.Image:
     card = Image.new("RGB", (SIDE, SIDE), BACKGROUND)
     draw = ImageDraw.Draw(card)
-    _, _, subtitle = name.partition(" - ")  # the card's title says "Z-Image Turbo - ..." already
-    y = 78  # below the badge that frontend 1.49 puts over a card's top left corner
+    y = 56  # below the badge that frontends 1.49 and later put over a card's top left corner
+    draw.text((28, y), "Z-Image Turbo", font=font(False, 30), fill=(150, 170, 255))  # the card's title is the name alone
+    y += 44
     face = font(True, 50)
-    for line in wrap(draw, subtitle, face, SIDE - 56):
+    for line in wrap(draw, name, face, SIDE - 56):
         draw.text((28, y), line, font=face, fill=(240, 240, 240))
         y += 60
     with Image.open(shot) as image:
@@ -60,9 +62,9 @@ def thumbnail(name: str, shot: Path, box) -> Image.Image:
 def make(run_dir: Path) -> list[Path]:
     results = json.loads((run_dir / "results.json").read_text())
     written = []
-    for name, result in results["workflows"].items():
-        target = REPO / "example_workflows" / f"{name}.jpg"
-        thumbnail(name, Path(result.get("thumbnail") or result["screenshot"]), result.get("screen_box")).save(
+    for name, result in results["modes"]["classic"]["workflows"].items():
+        target = REPO / "workflows" / f"{name}.jpg"
+        thumbnail(name, Path(result["screenshot"]), result["screen_box"]).save(
             target, quality=85, optimize=True, progressive=True)
         written.append(target)
     return written
