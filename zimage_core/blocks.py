@@ -84,6 +84,9 @@ def _linear(x: torch.Tensor, lin: Linear, fp8_matmul: bool) -> torch.Tensor:
     weight, scale, bias = lin
     if is_fp8(weight):
         return fp8_linear(x, weight, scale, bias, fp8_matmul)
+    if scale is not None:  # an fp8 layer cast to a float dtype (the guard's sticky copy: weights.plain_copy casts
+        # the codes, not their meaning): codes times row scale, as fp8_linear dequantizes (before: the scale was lost)
+        weight = (weight.float() * scale.float()).to(x.dtype)
     if weight.dtype != x.dtype:  # storage dtype other than the compute dtype: cast at use
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
