@@ -10,7 +10,8 @@ takes a ``BlockWeights`` view, so the same code runs
 
 Both views are read from the modules at call time by duck typing; nothing here imports ComfyUI. Weights may be
 stored in another dtype than the computation (bf16 storage under fp32 compute, say): they are cast at use. fp8
-weights carry a per-row fp32 scale and multiply in fp8 where the caller asks for it (``fp8.fp8_linear``).
+weights carry a per-row fp32 scale and multiply in fp8 where the caller asks for it (``fp8.fp8_linear``); int8
+weights likewise in int8 (``int8.int8_linear``, optionally Hadamard-rotated as int8_convrot files store them).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import torch.nn.functional as F
 from . import kernels as _kernels
 from .attention import attention
 from .fp8 import fp8_linear, is_fp8
+from .int8 import int8_linear, int8_matmul_usable
 
 
 class Linear(NamedTuple):
-    weight: torch.Tensor  # [out, in]: float, or fp8 with ``scale``
-    scale: torch.Tensor | None  # fp32 [out, 1] for fp8 weights
+    weight: torch.Tensor  # [out, in]: float, or fp8/int8 with ``scale``
+    scale: torch.Tensor | None  # fp32 [out, 1] for fp8/int8 weights
     bias: torch.Tensor | None
+    rotation: int | None = None  # int8: stored rotated by the Hadamard matrix per group of this many input columns
 
 
 class BlockWeights(NamedTuple):
@@ -59,8 +62,9 @@ def _attr(module, name: str):
 
 
 def linear_of(module) -> Linear:
-    """The ``Linear`` view of an ``nn.Linear``-like module (fp8 ones carry ``weight_scale``)."""
-    return Linear(module.weight, _attr(module, "weight_scale"), module.bias)
+    """The ``Linear`` view of an ``nn.Linear``-like module (fp8/int8 ones carry ``weight_scale``, rotated int8 ones
+    ``rotation``)."""
+    return Linear(module.weight, _attr(module, "weight_scale"), module.bias, _attr(module, "rotation"))
 
 
 def original_block_weights(block) -> BlockWeights:
@@ -81,9 +85,12 @@ def original_block_shape(block) -> BlockShape:
 
 
 def _linear(x: torch.Tensor, lin: Linear, fp8_matmul: bool) -> torch.Tensor:
-    weight, scale, bias = lin
+    """``x @ W.T + b``; ``fp8_matmul`` lets fp8 and int8 weights multiply in their own precision (else dequantized)."""
+    weight, scale, bias = lin.weight, lin.scale, lin.bias
     if is_fp8(weight):
         return fp8_linear(x, weight, scale, bias, fp8_matmul)
+    if weight.dtype == torch.int8:
+        return int8_linear(x, weight, scale, bias, rotation_groupsize=lin.rotation, matmul=fp8_matmul)
     if scale is not None:  # an fp8 layer cast to a float dtype (the guard's sticky copy: weights.plain_copy casts
         # the codes, not their meaning): codes times row scale, as fp8_linear dequantizes (before: the scale was lost)
         weight = (weight.float() * scale.float()).to(x.dtype)
@@ -122,8 +129,17 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
     fused = _kernels.active(x)  # eager CUDA: fused Triton kernels, same roundings (kernels.py); never when compiling
 
-    def q8(*linears):  # the kernel making this matmul's input writes it in e4m3 with row scales (fp8 matmul)
-        return fused and fp8_matmul and all(lin.weight.dtype == torch.float8_e4m3fn for lin in linears)
+    def q8(*linears) -> tuple:
+        """(quantize, rotation) for the kernel making these matmuls' input: it writes the codes with row scales
+        itself, e4m3 for fp8 matmuls, int8 (rotated like the weights) for int8 ones; (False, None) otherwise."""
+        if not (fused and fp8_matmul):
+            return False, None
+        if all(lin.weight.dtype == torch.float8_e4m3fn for lin in linears):
+            return "fp8", None
+        rotation = linears[0].rotation or None
+        if all(int8_matmul_usable(lin.weight, x.device) and (lin.rotation or None) == rotation for lin in linears):
+            return "int8", rotation
+        return False, None
 
     ffn_linears = (ffn_w,) if isinstance(ffn_w, Linear) else tuple(ffn_w)
     if modulation is not None:
@@ -131,10 +147,10 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        h = (_kernels.rms_norm(x, n_attn1, eps, scale_msa, quantize=q8(qkv_w)) if fused
+        h = (_kernels.rms_norm(x, n_attn1, eps, scale_msa, *q8(qkv_w)) if fused
              else rms(x, n_attn1, eps) * scale_msa)
     else:
-        h = _kernels.rms_norm(x, n_attn1, eps, quantize=q8(qkv_w)) if fused else rms(x, n_attn1, eps)
+        h = _kernels.rms_norm(x, n_attn1, eps, None, *q8(qkv_w)) if fused else rms(x, n_attn1, eps)
     batch, seq, dim = x.shape
     qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
     if fused and _kernels.qk_supported(qkv, cos):
@@ -146,10 +162,13 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         q = rope(rms(q, n_q, qk_eps), cos, sin)
         k = rope(rms(k, n_k, qk_eps), cos, sin)
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
+    # the attention output is quantized (fp8/int8) inside the out matmul's call: SDPA/cuDNN makes it, not our kernel
     o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
     if fused:  # residual, gate and the FFN's norm in one pass
+        quantize, rotation = q8(*ffn_linears)
         x, h = _kernels.residual(x, o, n_attn2, eps, gate_msa if modulation is not None else None, n_ffn1, eps,
-                                 scale_mlp if modulation is not None else None, quantize_next=q8(*ffn_linears))
+                                 scale_mlp if modulation is not None else None, quantize_next=quantize,
+                                 rotation=rotation)
     else:
         o = rms(o, n_attn2, eps)
         x = x + gate_msa * o if modulation is not None else x + o
@@ -159,7 +178,7 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
     else:
         g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    f = _linear(_kernels.silu_mul(g1, g3, quantize=q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+    f = _linear(_kernels.silu_mul(g1, g3, *q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
     if fused:
         return _kernels.residual(x, f, n_ffn2, eps, gate_mlp if modulation is not None else None)
     f = rms(f, n_ffn2, eps)
