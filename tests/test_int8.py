@@ -17,11 +17,12 @@ The bounds asserted, and why they are tight:
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from test_lora import base_state, lora_dir, te_state  # noqa: F401  (fixtures)
 from zimage_core import blocks, int8, kernels, quantized
 from zimage_core.int8 import (Int8Linear, dequantize_int8, hadamard_rows, int8_linear, quantize_activation_rowwise_int8,
                               quantize_rowwise_int8)
@@ -278,19 +279,9 @@ def test_int8_block_is_close_to_the_fp32_block(block96, rotation, name):
     args = (x, None, ang.cos(), ang.sin(), adaln)
     with kernels.enabled(False):
         ref = blocks.block_forward(*args, view, owner.shape, False)
-        calls = {"n": 0}
-        real = int8._epilogue
-
-        def counted(*a, **k):
-            calls["n"] += 1
-            return real(*a, **k)
-
-        int8._epilogue = counted
-        try:
+        with mock.patch.object(int8, "_epilogue", wraps=int8._epilogue) as epilogue:
             got = blocks.block_forward(*args, _int8_view(view, rotation), owner.shape, True)
-        finally:
-            int8._epilogue = real
-    assert calls["n"] == 5  # q/k/v, out, w1, w3, w2 all multiplied in int8
+    assert epilogue.call_count == 5  # q/k/v, out, w1, w3, w2 all multiplied in int8
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 3e-3 < rel < 3e-2, rel
 
@@ -318,24 +309,3 @@ def test_int8_storage_loads_int8_linears_and_stays_close(tiny_dir, zimage):
     # leave the FFN (170 wide) to dequantize-then-matmul: torch._int_mm wants multiples of 8)
     assert all(1e-4 < r < 2e-2 for r in rel.values()), rel
     assert rel[True] != rel[False], rel  # the int8 matmuls ran
-
-
-def test_int8_storage_lora_merges_then_requantizes(tiny_dir, lora_dir):
-    """As with fp8 storage (tests/test_lora_model.py): the merge dequantizes, adds the delta in fp32 and requantizes
-    with fresh int8 row scales; removing the LoRA writes the original codes and scales back bit for bit."""
-    from zimage_core import ZImage
-    from zimage_core.lora import load_lora
-    from zimage_core.weights import TransformerWeights
-
-    d, files, _ = lora_dir
-    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", overrides={"transformer": ("int8", None)})
-    qkv = TransformerWeights.of(z.transformer).fused("layers.0").qkv
-    q_before, scale_before = qkv.weight.clone(), qkv.scale.clone()
-    z.load_lora(files["native_dm"], 1.0)
-    lora = load_lora(files["native_dm"])
-    dequant = q_before.float() * scale_before
-    merged = dequant + lora.transformer["layers.0.attention.qkv.weight"][0].delta(dequant, 1.0)
-    q, scale = quantize_rowwise_int8(merged)
-    assert qkv.weight.dtype == torch.int8 and torch.equal(qkv.weight, q) and torch.equal(qkv.scale, scale)
-    z.remove_lora()
-    assert torch.equal(qkv.weight, q_before) and torch.equal(qkv.scale, scale_before)

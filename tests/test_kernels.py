@@ -539,7 +539,9 @@ def test_int8_block_with_kernels_matches_torch(measured, dtype, name, rot):
     assert m["quantize_rows"] == 1, m  # the attention output; the other inputs came quantized from the kernels
     assert m["int8_epilogue"] == (5 if name == "noise_refiner.0" else 4), m  # every matmul in int8 (w1/w3 fused or not)
     assert m["finite"], m
-    assert m["rel_l2"] <= 1e-2, m  # int8 matmuls of inputs that differ by kernel ulps (rare int8 code flips)
+    # int8 matmuls of inputs that differ by kernel ulps: measured 0 to 1e-7 (fp32), 0 (bf16) but one case at 2.0e-4
+    # where a bf16 ulp moved a value across an int8 rounding boundary
+    assert m["rel_l2"] <= 2e-3, m
 
 
 @pytest.mark.parametrize("case", ["eager_float32", "eager_bfloat16", "inductor_float32"])
