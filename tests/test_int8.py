@@ -286,6 +286,19 @@ def test_int8_block_is_close_to_the_fp32_block(block96, rotation, name):
     assert 3e-3 < rel < 3e-2, rel
 
 
+def test_int8_block_traces_as_one_graph(block96):
+    """``torch.compile(fullgraph=True)`` (what ``fast_denoiser.compiled_block_forward`` uses) traces an int8 block
+    without a graph break: ``torch._int_mm``, the rotation and the torch quantization are all traceable."""
+    owner = block96
+    ang = torch.rand(2, 20, 1, 16, generator=torch.Generator().manual_seed(33)) * 6.28
+    args = (_rand(2, 20, 96, seed=34), None, ang.cos(), ang.sin(), _rand(2, 96, seed=35),
+            _int8_view(owner.block("layers.0", False), 16), owner.shape, True)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(blocks.block_forward, fullgraph=True, backend="eager")(*args)
+        assert torch.equal(got, blocks.block_forward(*args))
+
+
 # ------------------------------------------------------------------------------------------------ our loader
 def test_int8_storage_loads_int8_linears_and_stays_close(tiny_dir, zimage):
     from zimage_core import ZImage

@@ -24,8 +24,6 @@ here) and ``matmul=False``. Speed: unmeasured here (no GPU in this session; ``be
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,9 +75,9 @@ def quantize_activation_rowwise_int8(x: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def quantize_rowwise_int8(weight: torch.Tensor, rotation: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, fp32 scale [out, 1]) with ``weight ≈ q.float() * scale``; with ``rotation``, of the weight rotated
-    as int8_convrot files store it (``weight @ H`` per group of ``rotation`` input columns: ``dequantize_int8`` and
-    ``quantized.dequantize`` rotate it back)."""
+    """(int8 weight, fp32 scale [out, 1]) with ``weight ≈ q.float() * scale``; with ``rotation``, of the weight
+    rotated as int8_convrot files store it (``weight @ H`` per group of ``rotation`` input columns:
+    ``dequantize_int8`` and ``quantized.dequantize`` rotate it back)."""
     w = weight.float()
     if rotation:
         w = hadamard_rows(w, rotation)
@@ -99,17 +97,18 @@ def int8_mm_available(device: torch.device | str) -> bool:
     """Whether ``torch._int_mm`` runs on ``device``: the CPU, and CUDA GPUs of compute capability 8.0+ (A100, RTX
     30xx and newer: the cards issue 23 names; Turing's int8 tensor cores are unchecked here, so it dequantizes)."""
     device = torch.device(device)
-    return _int_mm_runs(device.type, device.index if device.index is not None else (
-        torch.cuda.current_device() if device.type == "cuda" else None))
+    key = (device.type, device.index)
+    if key not in _INT_MM_RUNS:  # asked per block call: cached (a plain dict, which torch.compile traces through)
+        if not hasattr(torch, "_int_mm"):
+            _INT_MM_RUNS[key] = False
+        elif device.type == "cuda":
+            _INT_MM_RUNS[key] = torch.cuda.get_device_capability(device) >= (8, 0)
+        else:
+            _INT_MM_RUNS[key] = device.type == "cpu"
+    return _INT_MM_RUNS[key]
 
 
-@functools.lru_cache(maxsize=None)
-def _int_mm_runs(kind: str, index: int | None) -> bool:  # asked per block call: cached
-    if not hasattr(torch, "_int_mm"):
-        return False
-    if kind == "cpu":
-        return True
-    return kind == "cuda" and torch.cuda.get_device_capability(index) >= (8, 0)
+_INT_MM_RUNS: dict[tuple, bool] = {}
 
 
 def int8_matmul_usable(weight: torch.Tensor, device: torch.device | str) -> bool:

@@ -188,7 +188,8 @@ def _swap_quantized(model: nn.Module, cdtype: ComponentDtype, suffixes: tuple[st
     if cdtype.storage not in QUANTIZED_STORAGE:
         return set()
     names = set(_fp8_targets(model, suffixes))
-    swap_linears(model, sorted(names), cdtype.compute, FP8Linear if cdtype.storage == torch.float8_e4m3fn else Int8Linear)
+    cls = FP8Linear if cdtype.storage == torch.float8_e4m3fn else Int8Linear
+    swap_linears(model, sorted(names), cdtype.compute, cls)
     return names
 
 
