@@ -567,6 +567,52 @@ def test_kernels_step_aside_when_off(measured):
     assert all(v == 0 for v in measured["off"]["calls"].values()), measured["off"]
 
 
+def _compile_for(fn, types: dict, consts: dict, warps: int, capability: int):
+    """``fn`` compiled (not run) by Triton for an NVIDIA GPU of ``capability`` (ptxas ships with Triton): the GPU
+    code path, which the interpreter never builds. Untyped arguments are int32 scalars."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("capability,quant,rot", [(90, 1, 0), (90, 2, 0), (90, 2, 256), (80, 2, 256)])
+def test_quantizing_kernels_compile_for_the_gpu(capability, quant, rot):
+    """The fp8/int8 quantizing kernels (with the Hadamard rotation's reshapes, permutes, splits and joins) build for
+    an H100/H200 (sm_90) and an A100 (sm_80, int8 only), at the real widths (3840 -> 4096 lanes, 10240 -> 16384)."""
+    from zimage_core import kernels
+
+    if not kernels.available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs Triton, compiled (not interpreted)")
+    code = "*fp8e4nv" if quant == 1 else "*i8"
+    strides = lambda *names: {n: "i64" for n in names}  # noqa: E731
+    rms = {"x_ptr": "*bf16", "w_ptr": "*fp32", "s_ptr": "*bf16", "y_ptr": code, "qs_ptr": "*fp32", "eps": "fp32",
+           **strides("xs0", "xs1", "xs2", "ss0", "ss1", "ss2")}
+    res = {"x_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "w2_ptr": "*fp32", "s2_ptr": "*bf16",
+           "out_ptr": "*bf16", "h_ptr": code, "qs_ptr": "*fp32", "eps": "fp32", "eps2": "fp32",
+           **strides("xs0", "xs1", "xs2", "os0", "os1", "os2", "gs0", "gs1", "gs2", "ss0", "ss1", "ss2")}
+    silu = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": code, "qs_ptr": "*fp32",
+            **strides("as0", "as1", "as2", "bs0", "bs1", "bs2")}
+    rows = {"x_ptr": "*bf16", "q_ptr": code, "s_ptr": "*fp32", "xs": "i64", "qs": "i64"}
+    q = {"QUANT": quant, "ROT": rot}
+    built = [
+        _compile_for(kernels._rms_kernel, rms, {"HAS_SCALE": True, **q, "BLOCK": 4096}, 4, capability),
+        _compile_for(kernels._residual_kernel, res, {"HAS_GATE": True, "HAS_NEXT": True, "HAS_SCALE": True, **q,
+                                                     "BLOCK": 4096}, 4, capability),
+        _compile_for(kernels._silu_mul_kernel, silu, {**q, "BLOCK": 16384}, 16, capability),
+        _compile_for(kernels._quant_rows_kernel, rows, {**q, "BLOCK": 4096, "SINGLE": True}, 4, capability),
+        _compile_for(kernels._quant_rows_kernel, rows, {**q, "BLOCK": 16384, "SINGLE": False}, 16, capability),
+    ]
+    if quant == 2:
+        epi = {"acc_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
+        built.append(_compile_for(kernels._int8_epilogue_kernel, epi, {"HAS_BIAS": True, "BM": 32, "BN": 128}, 4,
+                                  capability))
+    assert all("cubin" in k.asm for k in built)
+
+
 def test_kernels_off_on_the_cpu_by_default():
     """Without the interpreter (this process), CPU tensors never take the kernels: the torch code runs."""
     from zimage_core import kernels
