@@ -24,6 +24,11 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
 - ``rms_norm``, ``residual`` (its next norm) and ``silu_mul`` can write their result that way themselves
   (``quantize=True``: ``QuantizedRows``, e4m3 rows and fp32 scales), so three of a block's four fp8 matmuls get
   their input without another pass (8 fp8 steps at 1024² on the H200: 0.577 s before, 0.560 s after, two runs).
+- The same for int8 W8A8 (``int8.int8_linear``): ``quantize="int8"`` (scale amax/127, round to nearest even), and
+  ``rotation=G`` rotates each group of G columns by the regular Hadamard matrix first (Comfy-Org's int8_convrot;
+  a radix-4 fast transform in registers, ``_hadamard``), in the same kernel; ``quantize_rows(x, "int8", G)``
+  for the attention output; ``int8_epilogue`` scales ``torch._int_mm``'s int32 result in one pass. Bit for bit the
+  torch reference under the interpreter; they compile for sm_80/sm_90 (tests); speed unmeasured.
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
 diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
