@@ -11,6 +11,9 @@ median of ``--repeat`` CUDA-event timings after warm-up:
   where it imports. TFLOP/s = 2·M·K·N / time. ``floor8_*_s``: 8 steps x 32 blocks (30 layers + 2 noise refiners,
   all counted at 4224 tokens) of these GEMMs plus cuDNN's attention: the README's floor for each precision (the
   adaLN, embedders and final layer, under 1% of the FLOPs, left out).
+- ``parity_*``: on this device, the share of the kernels' fp8/int8 codes (fused into ``rms_norm`` and standalone) that
+  differ from torch's quantization of the same rows, and whether the scales are equal (0 and 1 expected; the fp8
+  kernel writes +0 for a few of torch's -0).
 - ``quant_step_*``: a block's activation quantization for fp8 and int8 (also int8 rotated by Hadamard groups of
   256), per step (x32): fused into the kernels that make the activations (``rms_norm``/``residual``/``silu_mul``
   with ``quantize=``, plus the attention output through ``quantize_rows``) against the same kernels writing bf16
@@ -193,6 +196,27 @@ def bench_quant(b: Bench, results: Results) -> None:
     g13 = b.randn(1, m, 2 * ffn)
     g1, g3 = g13.chunk(2, dim=-1)
     rot_big = 256 if not b.smoke else 16
+
+    # parity on this device: the kernels' codes and scales against torch's quantization of the same rows (the tests
+    # prove bit equality under Triton's interpreter; here the compiled kernels and the GPU's torch are compared)
+    h = kernels.rms_norm(x, w, 1e-6, scale)
+    for label, kind, rot in (("fp8", "fp8", None), ("int8", "int8", None), ("int8rot", "int8", rot_big)):
+        fused = kernels.rms_norm(x, w, 1e-6, scale, quantize=kind, rotation=rot)
+        rows = h.view(m, dim)
+        ref_q, ref_s = (fp8.quantize_activation_rowwise(rows) if kind == "fp8" else
+                        int8.quantize_activation_rowwise_int8(int8.hadamard_rows(rows, rot) if rot else rows))
+        for how, (q, sc) in (("fused", (fused.q, fused.scale)), ("rows", kernels.quantize_rows(rows, kind, rot))):
+            unequal = (q.view(torch.uint8) != ref_q.view(torch.uint8)).float().mean().item()
+            results[f"parity_{label}_{how}_codes_unequal"] = unequal
+            results[f"parity_{label}_{how}_scales_equal"] = int(torch.equal(sc, ref_s))
+    acc = torch.randint(-2 ** 24, 2 ** 24, (m, dim), generator=b.gen, device=b.device, dtype=torch.int32)
+    xs, ws = b.randn(m, 1, dtype=torch.float32).abs() * 1e-3, b.randn(dim, dtype=torch.float32).abs()
+    bias = b.randn(dim)
+    if kernels.active(x):  # the epilogue kernel against torch's five passes (an fma may differ in the last fp32 bit)
+        ours = kernels.int8_epilogue(acc, xs, ws, bias, torch.bfloat16)
+        ref = int8._epilogue(acc, xs, ws, bias, torch.bfloat16)
+        results["parity_int8_epilogue_unequal"] = (ours != ref).float().mean().item()
+        results["parity_int8_epilogue_rel_l2"] = rel_l2(ours.float(), ref.float())
 
     def plain():
         kernels.rms_norm(x, w, 1e-6, scale)
