@@ -27,3 +27,23 @@ def test_fp8_storage_loads_e4m3_linears_and_stays_close(tiny_dir, zimage):
     b = zimage.generate("fp8 weights", seed=4, width=64, height=64, decode=False).latents
     rel = ((a - b).norm() / b.norm()).item()
     assert 1e-4 < rel < 0.1  # really quantized, and close (measured about 3e-2 on random weights)
+
+
+def test_fp8_sticky_copy_keeps_its_row_scale():
+    """The precision guard's sticky copy of an fp8 layer (``weights.plain_copy(module, dtype)``) holds the e4m3 codes
+    cast to a float dtype next to their row scales; the block maths multiply them back. Before, ``blocks._linear``
+    ran ``F.linear`` on the bare codes (errors of thousands on this layer)."""
+    import torch.nn.functional as F
+
+    from zimage_core.blocks import _linear, linear_of
+    from zimage_core.weights import plain_copy
+
+    lin = torch.nn.Linear(64, 32)
+    m = FP8Linear.like(lin, torch.float32)
+    m.load_weight(lin.weight.data)
+    m.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    copy = plain_copy(m, torch.float32)
+    assert copy.weight.dtype == torch.float32 and copy.weight_scale is not None
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    want = F.linear(x, m.dequantized_weight(), m.bias)
+    assert torch.allclose(_linear(x, linear_of(copy), False), want, atol=1e-5)

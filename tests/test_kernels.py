@@ -251,6 +251,124 @@ def _checks() -> dict:
             res[f"fp8_block_{name}_{tag}"] = dict(_err(ours, reference(blocks.block_forward, *args)),
                                                   quantize_rows_calls=quantized["n"] - before)
     kernels.quantize_rows = plain_quantize
+    # int8 (zimage_core/int8.py): the same row quantization with 127 (round to nearest even, NaN codes 0), rotated by
+    # the Hadamard groups of int8_convrot first when asked; bit for bit int8.quantize_activation_rowwise_int8 of
+    # int8.hadamard_rows (the same fp32 butterflies), standalone and fused into the three kernels
+    from zimage_core import int8 as i8
+
+    def int8_ref(t, rot):
+        t2 = t.reshape(-1, t.shape[-1])
+        return i8.quantize_activation_rowwise_int8(i8.hadamard_rows(t2, rot) if rot else t2)
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dt).split(".")[-1]
+        for rows, n, rot in ((5, 48, None), (3, 256, 16), (4, 1024, 256), (2, 17000, None), (2, 20480, 64)):
+            x = (rnd(rows, n) * torch.logspace(-3, 3, rows)[:, None]).to(dt)
+            x[0] = 0
+            for layout, xx in (("", x), ("_strided_rows", _strided(x, 0))):
+                q, s = kernels.quantize_rows(xx, "int8", rot)
+                rq, rs = int8_ref(xx, rot)
+                res[f"int8quant_{tag}_{n}_{rot}{layout}"] = {
+                    "scale_equal": torch.equal(s, rs), "q_equal": torch.equal(q, rq), "dtype": str(q.dtype),
+                    "saturated": int((q.abs() == 127).sum())}
+        # ties: amax 15.875 makes the scale exactly 0.125, so odd sixteenths land halfway between two codes
+        ties = torch.tensor([[15.875] + [(2 * k + 1) / 16 * (-1) ** k for k in range(40)]], dtype=dt)
+        q, s = kernels.quantize_rows(ties, "int8")
+        rq, rs = int8_ref(ties, None)
+        res[f"int8ties_{tag}"] = {"q_equal": torch.equal(q, rq), "scale_equal": torch.equal(s, rs),
+                                  "codes": q[0, 1:9].tolist(), "scale": s.item()}
+
+    def same_int8(got, ref_tensor, rot):
+        rq, rs = int8_ref(ref_tensor, rot)
+        return {"q_equal": torch.equal(got.q, rq), "scale_equal": torch.equal(got.scale, rs),
+                "shape": list(got.shape) == list(ref_tensor.shape), "dtype": got.dtype == ref_tensor.dtype,
+                "int8": got.q.dtype == torch.int8, "rotation": got.rotation == rot}
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dt).split(".")[-1]
+        for n, rot in ((48, None), (256, 64), (2560, 256)):
+            x = rnd(2, 5, n, dtype=dt, scale=3.0)
+            w = rnd(n, dtype=dt, scale=0.2) + 1
+            mscale = 1.0 + rnd(2, 1, n, dtype=dt, scale=0.5)
+            res[f"fused_int8_rms_{tag}_{n}"] = same_int8(
+                kernels.rms_norm(x, w, 1e-6, mscale, quantize="int8", rotation=rot),
+                kernels.rms_norm(x, w, 1e-6, mscale), rot)
+            o = rnd(2, 5, n, dtype=dt, scale=4.0)
+            gate = rnd(2, 1, n, dtype=dt).tanh()
+            _, hq = kernels.residual(x, o, w, 1e-5, gate, w, 1e-6, mscale, quantize_next="int8", rotation=rot)
+            _, h = kernels.residual(x, o, w, 1e-5, gate, w, 1e-6, mscale)
+            res[f"fused_int8_residual_{tag}_{n}"] = same_int8(hq, h, rot)
+            g13 = rnd(2, 5, 2 * n, dtype=dt, scale=3.0)
+            g1, g3 = g13.chunk(2, dim=-1)
+            res[f"fused_int8_silu_{tag}_{n}"] = same_int8(kernels.silu_mul(g1, g3, quantize="int8", rotation=rot),
+                                                          kernels.silu_mul(g1, g3), rot)
+    # non-finite rows: NaN/inf scales equal (codes of NaN 0 on both sides), and the int8 product's rows non-finite
+    def int8_nonfinite(q, s, ref_q, ref_s, rot=None):
+        w8, w_scale = i8.quantize_rowwise_int8(rnd(24, q.shape[1]), rot)
+        rows = kernels.QuantizedRows(q, s, q.shape, torch.bfloat16, rot)
+        out = i8.int8_linear(rows, w8, w_scale, None, rotation_groupsize=rot)
+        return {"scales_equal": torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s[~s.isnan()], ref_s[~ref_s.isnan()]),
+                "codes_equal": torch.equal(q, ref_q), "nonfinite_rows": (~torch.isfinite(out.float())).any(1).tolist()}
+
+    for n, rot in ((320, None), (17000, None), (1024, 256)):
+        x = rnd(4, n, dtype=torch.bfloat16)
+        x[1, 3], x[2, 5], x[3, 7] = float("nan"), float("inf"), float("-inf")
+        res[f"int8_nonfinite_{n}_{rot}"] = int8_nonfinite(*kernels.quantize_rows(x, "int8", rot), *int8_ref(x, rot), rot)
+    g1, g3 = rnd(4, 320, dtype=torch.bfloat16), rnd(4, 320, dtype=torch.bfloat16)
+    g1[1, 4] = float("-inf")  # silu(-inf) is NaN
+    fused = kernels.silu_mul(g1, g3, quantize="int8")
+    res["int8_nonfinite_fused_silu"] = int8_nonfinite(fused.q, fused.scale, *int8_ref(kernels.silu_mul(g1, g3), None))
+    # the int8 product's epilogue ((acc * x_scale) * w_scale + bias, rounded once): bit for bit int8._epilogue
+    acc = torch.randint(-2 ** 26, 2 ** 26, (37, 300), generator=g, dtype=torch.int32)
+    xs, ws = torch.rand(37, 1, generator=g) * 1e-3, torch.rand(300, generator=g) * 1e-2
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dt).split(".")[-1]
+        bias = rnd(300, dtype=dt)
+        res[f"int8_epilogue_{tag}"] = {
+            "bias": torch.equal(kernels.int8_epilogue(acc, xs, ws, bias, dt), i8._epilogue(acc, xs, ws, bias, dt)),
+            "plain": torch.equal(kernels.int8_epilogue(acc, xs, ws, None, dt), i8._epilogue(acc, xs, ws, None, dt))}
+    # an int8 block (dim 96, FFN 256: every matmul int8-able) with the kernels against the torch path: the kernels hand
+    # q/k/v, w1/w3 and w2 their input already quantized (and rotated); only the attention output is quantized apart
+    from diffusers import ZImageTransformer2DModel
+
+    from zimage_core.tiny import TINY_TRANSFORMER, randomize_, tiny_configs
+
+    cfg96 = tiny_configs(transformer={**TINY_TRANSFORMER, "dim": 96, "n_heads": 3, "n_kv_heads": 3})[0]
+    owner96 = TransformerWeights.of(randomize_(ZImageTransformer2DModel(**cfg96), 3).eval())
+
+    def int8_view(view, rot):
+        def q(lin):
+            w8, s8 = i8.quantize_rowwise_int8(lin.weight, rot)
+            return Linear(w8, s8, lin.bias, rot)
+        ffn = q(view.ffn) if isinstance(view.ffn, Linear) else tuple(q(f) for f in view.ffn)
+        return view._replace(qkv=q(view.qkv), out=q(view.out), ffn=ffn, w2=q(view.w2))
+
+    counts = {"quantize_rows": 0, "int8_epilogue": 0}
+    plain = {k: getattr(kernels, k) for k in counts}
+
+    def counter(name):
+        def run(*a, **k):
+            counts[name] += 1
+            return plain[name](*a, **k)
+        return run
+
+    for k in counts:
+        setattr(kernels, k, counter(k))
+    for dt in (torch.float32, torch.bfloat16):
+        tag = str(dt).split(".")[-1]
+        for name, fuse in (("layers.1", True), ("noise_refiner.0", False), ("context_refiner.0", True)):
+            for rot in (None, 16):
+                x = rnd(2, 11, 96, dtype=dt)
+                ang = torch.rand(2, 11, 1, 16, generator=g) * 6.28
+                view = int8_view(owner96.block(name, fuse), rot)  # fp32 norms/adaLN: cast at use, as fp8's
+                args = (x, None, ang.cos(), ang.sin(), rnd(2, 96, dtype=dt), view, owner96.shape, True)
+                before = dict(counts)
+                ours = blocks.block_forward(*args)
+                res[f"int8_block_{name}_{tag}_{rot}"] = dict(
+                    _err(ours, reference(blocks.block_forward, *args)),
+                    **{k: counts[k] - before[k] for k in counts})
+    for k, fn in plain.items():
+        setattr(kernels, k, fn)
     # under torch.compile the row kernels step aside (dynamo traces the plain torch ops, which inductor fuses) and
     # the q/k norm + RoPE is our kernel as one opaque op (kernels.qk_norm_rope_op); backend "eager" runs the traced
     # graph as it is, inductor (C++ on the CPU) calls the op from its generated code
@@ -379,6 +497,53 @@ def test_fp8_block_with_kernels_matches_torch(measured, dtype, name):
     assert m["rel_l2"] <= 2e-2, m  # fp8 matmuls of inputs that differ by kernel ulps (rare e4m3 flips)
 
 
+def test_int8_row_quantization_is_bit_exact(measured):
+    keys = [k for k in measured if k.startswith("int8quant_")]
+    assert len(keys) == 30, keys
+    for k in keys:
+        m = measured[k]
+        assert m["scale_equal"] and m["q_equal"] and m["dtype"] == "torch.int8", (k, m)
+    assert sum(measured[k]["saturated"] for k in keys) >= 30  # every row's largest value maps to ±127
+    for dt in ("float32", "bfloat16", "float16"):
+        m = measured[f"int8ties_{dt}"]
+        assert m["q_equal"] and m["scale_equal"] and m["scale"] == 0.125, m
+        assert m["codes"] == [0, -2, 2, -4, 4, -6, 6, -8], m  # 0.5, 1.5, 2.5, ... to the even neighbour
+
+
+def test_fused_int8_quantization_is_bit_exact(measured):
+    keys = [k for k in measured if k.startswith("fused_int8_")]
+    assert len(keys) == 27, keys
+    for k in keys:
+        assert all(measured[k].values()), (k, measured[k])
+
+
+def test_int8_quantization_keeps_non_finite_rows_non_finite(measured):
+    for k in ("int8_nonfinite_320_None", "int8_nonfinite_17000_None", "int8_nonfinite_1024_256"):
+        m = measured[k]
+        assert m["scales_equal"] and m["codes_equal"], (k, m)
+        assert m["nonfinite_rows"] == [False, True, True, True], (k, m)
+    m = measured["int8_nonfinite_fused_silu"]
+    assert m["scales_equal"] and m["codes_equal"] and m["nonfinite_rows"] == [False, True, False, False], m
+
+
+def test_int8_epilogue_is_bit_exact(measured):
+    for dt in ("float32", "bfloat16", "float16"):
+        assert measured[f"int8_epilogue_{dt}"] == {"bias": True, "plain": True}, dt
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["layers.1", "noise_refiner.0", "context_refiner.0"])
+@pytest.mark.parametrize("rot", ["None", "16"])
+def test_int8_block_with_kernels_matches_torch(measured, dtype, name, rot):
+    m = measured[f"int8_block_{name}_{dtype}_{rot}"]
+    assert m["quantize_rows"] == 1, m  # the attention output; the other inputs came quantized from the kernels
+    assert m["int8_epilogue"] == (5 if name == "noise_refiner.0" else 4), m  # every matmul in int8 (w1/w3 fused or not)
+    assert m["finite"], m
+    # int8 matmuls of inputs that differ by kernel ulps: measured 0 to 1e-7 (fp32), 0 (bf16) but one case at 2.0e-4
+    # where a bf16 ulp moved a value across an int8 rounding boundary
+    assert m["rel_l2"] <= 2e-3, m
+
+
 @pytest.mark.parametrize("case", ["eager_float32", "eager_bfloat16", "inductor_float32"])
 def test_compiled_block_takes_only_the_qk_kernel(measured, case):
     """Compiled, the block calls our q/k norm + RoPE kernel once, through the custom op, and no row kernel."""
@@ -400,6 +565,52 @@ def test_qk_op_passes_opcheck(measured):
 
 def test_kernels_step_aside_when_off(measured):
     assert all(v == 0 for v in measured["off"]["calls"].values()), measured["off"]
+
+
+def _compile_for(fn, types: dict, consts: dict, warps: int, capability: int):
+    """``fn`` compiled (not run) by Triton for an NVIDIA GPU of ``capability`` (ptxas ships with Triton): the GPU
+    code path, which the interpreter never builds. Untyped arguments are int32 scalars."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+
+
+@pytest.mark.parametrize("capability,quant,rot", [(90, 1, 0), (90, 2, 0), (90, 2, 256), (80, 2, 256)])
+def test_quantizing_kernels_compile_for_the_gpu(capability, quant, rot):
+    """The fp8/int8 quantizing kernels (with the Hadamard rotation's reshapes, permutes, splits and joins) build for
+    an H100/H200 (sm_90) and an A100 (sm_80, int8 only), at the real widths (3840 -> 4096 lanes, 10240 -> 16384)."""
+    from zimage_core import kernels
+
+    if not kernels.available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs Triton, compiled (not interpreted)")
+    code = "*fp8e4nv" if quant == 1 else "*i8"
+    strides = lambda *names: {n: "i64" for n in names}  # noqa: E731
+    rms = {"x_ptr": "*bf16", "w_ptr": "*fp32", "s_ptr": "*bf16", "y_ptr": code, "qs_ptr": "*fp32", "eps": "fp32",
+           **strides("xs0", "xs1", "xs2", "ss0", "ss1", "ss2")}
+    res = {"x_ptr": "*bf16", "o_ptr": "*bf16", "w_ptr": "*fp32", "g_ptr": "*bf16", "w2_ptr": "*fp32", "s2_ptr": "*bf16",
+           "out_ptr": "*bf16", "h_ptr": code, "qs_ptr": "*fp32", "eps": "fp32", "eps2": "fp32",
+           **strides("xs0", "xs1", "xs2", "os0", "os1", "os2", "gs0", "gs1", "gs2", "ss0", "ss1", "ss2")}
+    silu = {"a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": code, "qs_ptr": "*fp32",
+            **strides("as0", "as1", "as2", "bs0", "bs1", "bs2")}
+    rows = {"x_ptr": "*bf16", "q_ptr": code, "s_ptr": "*fp32", "xs": "i64", "qs": "i64"}
+    q = {"QUANT": quant, "ROT": rot}
+    built = [
+        _compile_for(kernels._rms_kernel, rms, {"HAS_SCALE": True, **q, "BLOCK": 4096}, 4, capability),
+        _compile_for(kernels._residual_kernel, res, {"HAS_GATE": True, "HAS_NEXT": True, "HAS_SCALE": True, **q,
+                                                     "BLOCK": 4096}, 4, capability),
+        _compile_for(kernels._silu_mul_kernel, silu, {**q, "BLOCK": 16384}, 16, capability),
+        _compile_for(kernels._quant_rows_kernel, rows, {**q, "BLOCK": 4096, "SINGLE": True}, 4, capability),
+        _compile_for(kernels._quant_rows_kernel, rows, {**q, "BLOCK": 16384, "SINGLE": False}, 16, capability),
+    ]
+    if quant == 2:
+        epi = {"acc_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16", "out_ptr": "*bf16"}
+        built.append(_compile_for(kernels._int8_epilogue_kernel, epi, {"HAS_BIAS": True, "BM": 32, "BN": 128}, 4,
+                                  capability))
+    assert all("cubin" in k.asm for k in built)
 
 
 def test_kernels_off_on_the_cpu_by_default():

@@ -1,6 +1,6 @@
 """LoRA on our own model (``ZImage.load_lora``): the weight owner merges each patched weight from its original, in
 every naming and weight form; the result equals a checkpoint merged beforehand (whose deltas equal ComfyUI's and
-diffusers': tests/test_lora.py), strength 0 and removal restore the weights bit for bit, and fp8 storage, offload
+diffusers': tests/test_lora.py), strength 0 and removal restore the weights bit for bit, and fp8/int8 storage, offload
 and the precision guard's sticky copies follow."""
 
 import logging
@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from test_lora import base_state, lora_dir, te_state  # noqa: F401  (fixtures)
 from zimage_core import ZImage, ZImageError
 from zimage_core.fp8 import quantize_rowwise
+from zimage_core.int8 import quantize_rowwise_int8
 from zimage_core.lora import apply_to_state_dict, load_lora
 from zimage_core.weights import TransformerWeights
 
@@ -91,23 +92,25 @@ def test_strength_change_between_runs_is_picked_up(tiny_dir, tmp_path, lora_dir,
     assert (got - want).abs().max() <= 1e-5
 
 
-def test_fp8_storage_merges_then_requantizes(tiny_dir, tmp_path, lora_dir, base_state, te_state):
+@pytest.mark.parametrize("storage", ["fp8", "int8"])
+def test_quantized_storage_merges_then_requantizes(tiny_dir, tmp_path, lora_dir, base_state, te_state, storage):
     d, files, _ = lora_dir
-    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", overrides={"transformer": ("fp8", None)})
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32", overrides={"transformer": (storage, None)})
     owner = TransformerWeights.of(z.transformer)
     qkv = owner.fused("layers.0").qkv
     w8_before, scale_before = qkv.weight.clone(), qkv.scale.clone()
     z.load_lora(files["native_dm"], 1.0)
     lora = load_lora(files["native_dm"])
-    # the merge dequantizes the stored fp8 weight, adds the delta in fp32 and requantizes with fresh row scales
+    # the merge dequantizes the stored fp8/int8 weight, adds the delta in fp32 and requantizes with fresh row scales
     dequant = w8_before.float() * scale_before
     merged = dequant + lora.transformer["layers.0.attention.qkv.weight"][0].delta(dequant, 1.0)
-    w8, scale = quantize_rowwise(merged)
+    w8, scale = (quantize_rowwise if storage == "fp8" else quantize_rowwise_int8)(merged)
+    assert qkv.weight.dtype == w8.dtype
     assert torch.equal(qkv.weight.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(qkv.scale, scale)
     got = z.generate("fp8 lora", **KW).latents
     want = merged_model(tiny_dir, tmp_path, base_state, te_state, [["native_dm.safetensors", 1.0]], d,
                         dtype="fp32").generate("fp8 lora", **KW).latents
-    assert (got - want).norm() / want.norm() < 0.05  # within fp8 noise of the merged full-precision model
+    assert (got - want).norm() / want.norm() < 0.05  # within fp8/int8 noise of the merged full-precision model
     z.remove_lora()
     assert torch.equal(qkv.weight.view(torch.uint8), w8_before.view(torch.uint8)) and torch.equal(qkv.scale, scale_before)
 

@@ -10,7 +10,8 @@ takes a ``BlockWeights`` view, so the same code runs
 
 Both views are read from the modules at call time by duck typing; nothing here imports ComfyUI. Weights may be
 stored in another dtype than the computation (bf16 storage under fp32 compute, say): they are cast at use. fp8
-weights carry a per-row fp32 scale and multiply in fp8 where the caller asks for it (``fp8.fp8_linear``).
+weights carry a per-row fp32 scale and multiply in fp8 where the caller asks for it (``fp8.fp8_linear``); int8
+weights likewise in int8 (``int8.int8_linear``, optionally Hadamard-rotated as int8_convrot files store them).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from . import kernels as _kernels
 from .attention import attention
 from .fp8 import fp8_linear, is_fp8
+from .int8 import int8_linear, int8_matmul_usable
 
 
 FP16_MAX = 65504.0
@@ -36,9 +38,10 @@ def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(NamedTuple):
-    weight: torch.Tensor  # [out, in]: float, or fp8 with ``scale``
-    scale: torch.Tensor | None  # fp32 [out, 1] for fp8 weights
+    weight: torch.Tensor  # [out, in]: float, or fp8/int8 with ``scale``
+    scale: torch.Tensor | None  # fp32 [out, 1] for fp8/int8 weights
     bias: torch.Tensor | None
+    rotation: int | None = None  # int8: stored rotated by the Hadamard matrix per group of this many input columns
 
 
 class BlockWeights(NamedTuple):
@@ -69,8 +72,9 @@ def _attr(module, name: str):
 
 
 def linear_of(module) -> Linear:
-    """The ``Linear`` view of an ``nn.Linear``-like module (fp8 ones carry ``weight_scale``)."""
-    return Linear(module.weight, _attr(module, "weight_scale"), module.bias)
+    """The ``Linear`` view of an ``nn.Linear``-like module (fp8/int8 ones carry ``weight_scale``, rotated int8 ones
+    ``rotation``)."""
+    return Linear(module.weight, _attr(module, "weight_scale"), module.bias, _attr(module, "rotation"))
 
 
 def original_block_modules(block) -> BlockWeights:
@@ -109,11 +113,14 @@ class Fetched:
     reads it and ``done()`` right after, and never holds more than two at a time (the q/k norms, or the norms
     around a residual), as ComfyUI's own ops do with its two offload streams.
 
-    ``get`` returns a ``Linear`` for a linear layer, a tensor for a norm weight. ``dtype`` is the dtype of the
-    weight ``get`` will return (``float8_e4m3fn`` for a raw fp8 weight): ``block_forward`` decides with it, before
-    fetching, whether the kernel that makes the layer's input writes it in fp8."""
+    ``get`` returns a ``Linear`` for a linear layer, a tensor for a norm weight. ``dtype``, ``rotation`` and
+    ``shape`` describe the weight ``get`` will return (``float8_e4m3fn`` for a raw fp8 weight, ``int8`` with its
+    Hadamard group for a raw int8 one): ``block_forward`` decides with them, before fetching, whether the kernel
+    that makes the layer's input writes it in fp8 or int8."""
 
     dtype: torch.dtype
+    rotation: int | None = None
+    shape: tuple = ()  # [out, in]
 
     def get(self, x: torch.Tensor):
         raise NotImplementedError
@@ -136,7 +143,14 @@ def _dtype(lin) -> torch.dtype:
     return lin.dtype if isinstance(lin, Fetched) else lin.weight.dtype
 
 
+def _meta(lin) -> torch.Tensor:
+    """The weight, or for a ``Fetched`` one a stand-in of its dtype and shape (what the int8 check reads)."""
+    return torch.empty(lin.shape, dtype=lin.dtype, device="meta") if isinstance(lin, Fetched) else lin.weight
+
+
 def _linear(x: torch.Tensor, lin, fp8_matmul: bool) -> torch.Tensor:
+    """``x @ W.T + b``; ``fp8_matmul`` lets fp8 and int8 weights multiply in their own precision (else dequantized);
+    a ``Fetched`` weight is fetched around the product."""
     if isinstance(lin, Fetched):
         # the owner needs the input's device and compute dtype (an input quantized by its kernel carries them)
         like = x if torch.is_tensor(x) else x.q.new_empty((0,), dtype=x.dtype)
@@ -144,9 +158,14 @@ def _linear(x: torch.Tensor, lin, fp8_matmul: bool) -> torch.Tensor:
             return _linear(x, lin.get(like), fp8_matmul)
         finally:
             lin.done()
-    weight, scale, bias = lin
+    weight, scale, bias = lin.weight, lin.scale, lin.bias
     if is_fp8(weight):
         return fp8_linear(x, weight, scale, bias, fp8_matmul)
+    if weight.dtype == torch.int8:
+        return int8_linear(x, weight, scale, bias, rotation_groupsize=lin.rotation, matmul=fp8_matmul)
+    if scale is not None:  # an fp8 layer cast to a float dtype (the guard's sticky copy: weights.plain_copy casts
+        # the codes, not their meaning): codes times row scale, as fp8_linear dequantizes (before: the scale was lost)
+        weight = (weight.float() * scale.float()).to(x.dtype)
     if weight.dtype != x.dtype:  # storage dtype other than the compute dtype: cast at use
         weight = weight.to(x.dtype)
         bias = bias.to(x.dtype) if bias is not None else None
@@ -190,8 +209,17 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
     n_attn1, n_attn2, n_ffn1, n_ffn2, n_q, n_k = norms
     fused = _kernels.active(x)  # eager CUDA: fused Triton kernels, same roundings (kernels.py); never when compiling
 
-    def q8(*linears):  # the kernel making this matmul's input writes it in e4m3 with row scales (fp8 matmul)
-        return fused and fp8_matmul and all(_dtype(lin) == torch.float8_e4m3fn for lin in linears)
+    def q8(*linears) -> tuple:
+        """(quantize, rotation) for the kernel making these matmuls' input: it writes the codes with row scales
+        itself, e4m3 for fp8 matmuls, int8 (rotated like the weights) for int8 ones; (False, None) otherwise."""
+        if not (fused and fp8_matmul):
+            return False, None
+        if all(_dtype(lin) == torch.float8_e4m3fn for lin in linears):
+            return "fp8", None
+        rotation = linears[0].rotation or None
+        if all(int8_matmul_usable(_meta(lin), x.device) and (lin.rotation or None) == rotation for lin in linears):
+            return "int8", rotation
+        return False, None
 
     one_ffn = isinstance(ffn_w, (Linear, Fetched))  # w1|w3 as one matrix, or the pair (w1, w3)
     ffn_linears = (ffn_w,) if one_ffn else tuple(ffn_w)
@@ -204,10 +232,10 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=2)
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
-        h = (_kernels.rms_norm(x, w, eps, scale_msa, quantize=q8(qkv_w)) if fused
+        h = (_kernels.rms_norm(x, w, eps, scale_msa, *q8(qkv_w)) if fused
              else rms(x, w, eps) * scale_msa)
     else:
-        h = _kernels.rms_norm(x, w, eps, quantize=q8(qkv_w)) if fused else rms(x, w, eps)
+        h = _kernels.rms_norm(x, w, eps, None, *q8(qkv_w)) if fused else rms(x, w, eps)
     _drop(n_attn1)
     batch, seq, dim = x.shape
     qkv = _linear(h, qkv_w, fp8_matmul).view(batch, seq, 3, heads, dim // heads)
@@ -222,12 +250,15 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         k = rope(rms(k, wk, qk_eps), cos, sin)
     _drop(n_q, n_k)
     o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, backend)
+    # the attention output is quantized (fp8/int8) inside the out matmul's call: SDPA/cuDNN makes it, not our kernel
     o = _linear(o.transpose(1, 2).reshape(batch, seq, dim), out_w, fp8_matmul)
     o = clamp_fp16(o) if clamp else o
     w2, wf1 = _take(n_attn2, x), _take(n_ffn1, x)
     if fused:  # residual, gate and the FFN's norm in one pass
+        quantize, rotation = q8(*ffn_linears)
         x, h = _kernels.residual(x, o, w2, eps, gate_msa if modulation is not None else None, wf1, eps,
-                                 scale_mlp if modulation is not None else None, quantize_next=q8(*ffn_linears))
+                                 scale_mlp if modulation is not None else None, quantize_next=quantize,
+                                 rotation=rotation)
     else:
         o = rms(o, w2, eps)
         x = x + gate_msa * o if modulation is not None else x + o
@@ -238,11 +269,11 @@ def block_forward(x, attn_mask, cos, sin, adaln, weights: BlockWeights, shape: B
         g1, g3 = _linear(h, ffn_w, fp8_matmul).chunk(2, dim=-1)
     else:
         g1, g3 = _linear(h, ffn_w[0], fp8_matmul), _linear(h, ffn_w[1], fp8_matmul)
-    if clamp:  # the product clamped before w2 (no fused fp8 input then), and w2's output
+    if clamp:  # the product clamped before w2 (no fused low-precision input then), and w2's output
         f = clamp_fp16(_linear(clamp_fp16(_kernels.silu_mul(g1, g3) if fused else F.silu(g1) * g3), w2_w,
                                fp8_matmul))
     else:
-        f = _linear(_kernels.silu_mul(g1, g3, quantize=q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
+        f = _linear(_kernels.silu_mul(g1, g3, *q8(w2_w)) if fused else F.silu(g1) * g3, w2_w, fp8_matmul)
     w = _take(n_ffn2, x)
     if fused:
         x = _kernels.residual(x, f, w, eps, gate_mlp if modulation is not None else None)

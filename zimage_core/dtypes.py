@@ -1,6 +1,6 @@
 """Dtype policy: the one place that decides storage and compute dtypes per component.
 
-Storage dtype is what the weights occupy in memory (bf16, fp16, fp32 or fp8 e4m3fn); compute dtype is
+Storage dtype is what the weights occupy in memory (bf16, fp16, fp32, fp8 e4m3fn or int8); compute dtype is
 what the arithmetic runs in (bf16, fp16 or fp32). Loaders, the sampler and the decoder read the
 resolved ``DtypePolicy``; nothing else picks a dtype.
 """
@@ -28,10 +28,13 @@ _NAMES = {
     "fp8": torch.float8_e4m3fn,
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "float8_e4m3fn": torch.float8_e4m3fn,
+    "int8": torch.int8,
 }
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-STORAGE_DTYPES = COMPUTE_DTYPES + (torch.float8_e4m3fn,)
-SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8_e4m3fn"}
+QUANTIZED_STORAGE = (torch.float8_e4m3fn, torch.int8)  # row-scaled block linears (fp8.FP8Linear, int8.Int8Linear)
+STORAGE_DTYPES = COMPUTE_DTYPES + QUANTIZED_STORAGE
+SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float8_e4m3fn: "fp8_e4m3fn",
+               torch.int8: "int8"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -118,8 +121,8 @@ def resolve_policy(
 
     ``compute`` and ``storage`` apply to every component; ``overrides`` maps a component name to
     ``(storage, compute)`` where ``None`` or ``"auto"`` keeps the general choice. Storage defaults to the
-    compute dtype. fp8 storage is for the transformer and the text encoder; the VAE is small and stays in
-    a compute dtype.
+    compute dtype. fp8 and int8 storage are for the transformer and the text encoder; the VAE is small and stays
+    in a compute dtype.
     """
     device = torch.device(device)
     overrides = dict(overrides or {})

@@ -58,11 +58,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
     if scale is None:
         scale = torch.ones((), dtype=torch.float32, device=weight.device)
     quantized = isinstance(x, _kernels.QuantizedRows)  # made by the kernel that computed it (blocks.block_forward)
-    if quantized and not (matmul and weight.dtype == torch.float8_e4m3fn):
-        raise ValueError("a quantized activation needs an e4m3 weight and the fp8 matmul")
+    if quantized and not (matmul and weight.dtype == torch.float8_e4m3fn and x.q.dtype == torch.float8_e4m3fn):
+        raise ValueError("a quantized activation needs e4m3 codes, an e4m3 weight and the fp8 matmul")
     if matmul and weight.dtype == torch.float8_e4m3fn:
         if quantized:
-            x8, x_scale, shape, dtype = x
+            x8, x_scale, shape, dtype = x.q, x.scale, x.shape, x.dtype
         else:
             shape, dtype = x.shape, x.dtype
             x2 = x.reshape(-1, shape[-1])
@@ -110,9 +110,10 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8 e4m3 rowwise"
 
 
-def swap_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype) -> None:
-    """Replace the named ``nn.Linear`` submodules with (empty) ``FP8Linear`` ones before loading."""
+def swap_linears(model: nn.Module, names: list[str], compute_dtype: torch.dtype, cls=FP8Linear) -> None:
+    """Replace the named ``nn.Linear`` submodules with (empty) ``FP8Linear`` ones (or ``cls``, e.g.
+    ``int8.Int8Linear``: anything with ``like(linear, compute_dtype)``) before loading."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP8Linear.like(getattr(parent, child), compute_dtype))
+        setattr(parent, child, cls.like(getattr(parent, child), compute_dtype))

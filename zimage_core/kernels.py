@@ -24,6 +24,11 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
 - ``rms_norm``, ``residual`` (its next norm) and ``silu_mul`` can write their result that way themselves
   (``quantize=True``: ``QuantizedRows``, e4m3 rows and fp32 scales), so three of a block's four fp8 matmuls get
   their input without another pass (8 fp8 steps at 1024² on the H200: 0.577 s before, 0.560 s after, two runs).
+- The same for int8 W8A8 (``int8.int8_linear``): ``quantize="int8"`` (scale amax/127, round to nearest even), and
+  ``rotation=G`` rotates each group of G columns by the regular Hadamard matrix first (Comfy-Org's int8_convrot;
+  a radix-4 fast transform in registers, ``_hadamard``), in the same kernel; ``quantize_rows(x, "int8", G)``
+  for the attention output; ``int8_epilogue`` scales ``torch._int_mm``'s int32 result in one pass. Bit for bit the
+  torch reference under the interpreter; they compile for sm_80/sm_90 (tests); speed unmeasured.
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
 diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
@@ -210,12 +215,71 @@ if _TRITON:
                           propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
-    def _store_e4m3_row(y, q_ptr, s_ptr, row, offs, mask, MAX: tl.constexpr, RECIPROCAL: tl.constexpr):
-        """Store row ``y`` at ``q_ptr`` (the row's start) (fp32 values of the compute dtype; masked lanes 0) as e4m3 with its row scale, as
-        ``quantize_rows`` does: scale = max(amax, 1e-12) * fp32(1/448), y * (1/scale) clamped, rounded."""
-        scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), RECIPROCAL)
+    def _rint(y):
+        """``y`` (fp32, |y| < 2**22) rounded to the nearest integer, ties to even, as ``torch.round``: adding and
+        subtracting 1.5 * 2**23 leaves no fraction bits; IEEE addition rounds to nearest even (the same trick as
+        ``_e4m3``'s subnormals). The caller's clamp sits between the multiply and this add, so no fma contracts
+        them. NaN stays NaN."""
+        return (y + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _h4_stage(y, A: tl.constexpr, B: tl.constexpr):
+        """One radix-4 stage of the regular Hadamard transform on ``y`` [A * 4 * B]: on the digit of stride ``B``,
+        ``out_i = (s - 2 * x_(3 - i)) * 0.5`` with ``s = (x0 + x1) + (x2 + x3)`` (the rows of the normalised
+        [[1,1,1,-1],[1,1,-1,1],[1,-1,1,1],[-1,1,1,1]] / 2). ``int8.hadamard_rows`` makes the same fp32 operations in
+        the same order, so both round alike (the times 2 and the halving are exact)."""
+        t = tl.permute(tl.reshape(y, (A, 4, B)), (0, 2, 1))  # [A, B, 4]: the digit last
+        even, odd = tl.split(tl.reshape(t, (A, B, 2, 2)))  # [x0, x2], [x1, x3]
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        s = (x0 + x1) + (x2 + x3)
+        y0, y1, y2, y3 = (s - 2.0 * x3) * 0.5, (s - 2.0 * x2) * 0.5, (s - 2.0 * x1) * 0.5, (s - 2.0 * x0) * 0.5
+        t = tl.reshape(tl.join(tl.join(y0, y2), tl.join(y1, y3)), (A, B, 4))  # index 2j + i holds y_(2j+i)
+        return tl.reshape(tl.permute(t, (0, 2, 1)), (A * 4 * B,))
+
+    @triton.jit
+    def _hadamard(y, BLOCK: tl.constexpr, G: tl.constexpr):
+        """``y`` [BLOCK] times the normalised regular Hadamard matrix of size ``G`` (a power of 4, 4..4096) on each
+        group of ``G`` consecutive values: the rotation of Comfy-Org's int8_convrot layers (``quantized.hadamard``),
+        as a fast transform (one stage per base-4 digit, lowest first)."""
+        y = _h4_stage(y, BLOCK // 4, 1)
+        if G >= 16:
+            y = _h4_stage(y, BLOCK // 16, 4)
+        if G >= 64:
+            y = _h4_stage(y, BLOCK // 64, 16)
+        if G >= 256:
+            y = _h4_stage(y, BLOCK // 256, 64)
+        if G >= 1024:
+            y = _h4_stage(y, BLOCK // 1024, 256)
+        if G >= 4096:
+            y = _h4_stage(y, BLOCK // 4096, 1024)
+        return y
+
+    @triton.jit
+    def _codes(y, inverse, QUANT: tl.constexpr):
+        """The stored codes of fp32 values ``y`` times their row's ``inverse`` scale: e4m3 (QUANT 1: clamp to 448,
+        round on e4m3's grid) or int8 (QUANT 2: clamp to 127, round to nearest even; a NaN, whose row scale is NaN
+        or inf anyway, stores 0 — torch's own cast of NaN to int8 is undefined)."""
+        if QUANT == 1:
+            return _e4m3(_clamp_nan(y * inverse, 448.0))
+        else:
+            r = _rint(_clamp_nan(y * inverse, 127.0))
+            return tl.where(r != r, 0.0, r)
+
+    @triton.jit
+    def _store_quant_row(y, q_ptr, s_ptr, row, offs, mask, QUANT: tl.constexpr, ROT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """Store row ``y`` at ``q_ptr`` (the row's start; fp32 values of the compute dtype, masked lanes 0) quantized
+        with its row scale, as ``quantize_rows`` does: rotated first when ``ROT`` (int8 only, groups of ``ROT``
+        columns), scale = max(amax, 1e-12) * fp32(1/448 or 1/127), codes of y * (1/scale) (``_codes``)."""
+        if ROT > 0:
+            y = _hadamard(y, BLOCK, ROT)
+        if QUANT == 1:
+            scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), 1.0 / 448.0)
+        else:
+            scale = _scale_of(tl.reduce(tl.abs(y), 0, _max_nan), 1.0 / 127.0)
         tl.store(s_ptr + row, scale)
-        q = _e4m3(_clamp_nan(y * tl.math.div_rn(1.0, scale), MAX))
+        q = _codes(y, tl.math.div_rn(1.0, scale), QUANT)
         tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -238,7 +302,7 @@ if _TRITON:
     @triton.jit
     def _rms_kernel(x_ptr, w_ptr, s_ptr, y_ptr, qs_ptr, n, eps, n1, n2,
                     xs0, xs1, xs2, ss0, ss1, ss2,
-                    HAS_SCALE: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_SCALE: tl.constexpr, QUANT: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr):
         row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
@@ -251,8 +315,8 @@ if _TRITON:
         y = _rms_rows(x, n, eps, w, DT)
         if HAS_SCALE:  # ``scale`` is the already rounded ``1 + scale`` of the reference; the product rounds once
             y = y * s
-        if QUANT:  # the fp8 matmul's input: e4m3 and the row scale instead of the compute dtype
-            _store_e4m3_row(_round(y, DT), y_ptr + row * n, qs_ptr, row, offs, mask, 448.0, 1.0 / 448.0)
+        if QUANT:  # the fp8/int8 matmul's input: codes and the row scale instead of the compute dtype
+            _store_quant_row(_round(y, DT), y_ptr + row * n, qs_ptr, row, offs, mask, QUANT, ROT, BLOCK)
         else:
             tl.store(y_ptr + row * n + offs, _round(y, DT).to(DT), mask=mask)
 
@@ -260,7 +324,7 @@ if _TRITON:
     def _residual_kernel(x_ptr, o_ptr, w_ptr, g_ptr, w2_ptr, s2_ptr, out_ptr, h_ptr, qs_ptr, n, eps, eps2, n1, n2,
                          xs0, xs1, xs2, os0, os1, os2, gs0, gs1, gs2, ss0, ss1, ss2,
                          HAS_GATE: tl.constexpr, HAS_NEXT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                         QUANT: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr):
         row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
@@ -284,14 +348,14 @@ if _TRITON:
             h = _rms_rows(x, n, eps2, w2, DT)
             if HAS_SCALE:
                 h = h * s
-            if QUANT:  # the FFN's fp8 matmul input
-                _store_e4m3_row(_round(h, DT), h_ptr + row * n, qs_ptr, row, offs, mask, 448.0, 1.0 / 448.0)
+            if QUANT:  # the FFN's fp8/int8 matmul input
+                _store_quant_row(_round(h, DT), h_ptr + row * n, qs_ptr, row, offs, mask, QUANT, ROT, BLOCK)
             else:
                 tl.store(h_ptr + row * n + offs, _round(h, DT).to(DT), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(a_ptr, b_ptr, y_ptr, qs_ptr, n, n1, n2, as0, as1, as2, bs0, bs1, bs2,
-                         QUANT: tl.constexpr, BLOCK: tl.constexpr):
+                         QUANT: tl.constexpr, ROT: tl.constexpr, BLOCK: tl.constexpr):
         row, i0, i1, i2 = _row_index(n1, n2)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -299,9 +363,9 @@ if _TRITON:
         a = tl.load(a_ptr + i0 * as0 + i1 * as1 + i2 * as2 + offs, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + i0 * bs0 + i1 * bs1 + i2 * bs2 + offs, mask=mask, other=0.0).to(tl.float32)
         s = _round(a / (1.0 + tl.exp(-a)), DT)  # F.silu's result, rounded as torch stores it
-        if QUANT:  # one program holds the whole row (the grid has one column): w2's fp8 matmul input
-            _store_e4m3_row(tl.where(mask, _round(s * b, DT), 0.0), y_ptr + row * n, qs_ptr, row, offs, mask,
-                            448.0, 1.0 / 448.0)
+        if QUANT:  # one program holds the whole row (the grid has one column): w2's fp8/int8 matmul input
+            _store_quant_row(tl.where(mask, _round(s * b, DT), 0.0), y_ptr + row * n, qs_ptr, row, offs, mask,
+                             QUANT, ROT, BLOCK)
         else:
             tl.store(y_ptr + row * n + offs, _round(s * b, DT).to(DT), mask=mask)
 
@@ -341,131 +405,220 @@ if _TRITON:
 
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, MAX: tl.constexpr, RECIPROCAL: tl.constexpr,
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, n, xs, qs, QUANT: tl.constexpr, ROT: tl.constexpr,
                            BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-        """One row: amax of |x| (fp32, NaN-propagating), scale = max(amax, 1e-12) * fp32(1/MAX), q = clamp(x times
-        the IEEE reciprocal of scale) in e4m3. A row that fits one block is read once (SINGLE); wider rows are swept
-        twice (the second read comes from cache)."""
+        """One row: rotated by the Hadamard groups when ``ROT`` (int8 only), amax of |x| (fp32, NaN-propagating),
+        scale = max(amax, 1e-12) * fp32(1/448 or 1/127), codes of x times the IEEE reciprocal of scale (``_codes``).
+        A row that fits one block is read once (SINGLE); wider rows are swept twice (the second read comes from
+        cache; with ``ROT`` each block, a whole number of groups, is rotated in both sweeps)."""
         row = tl.program_id(0).to(tl.int64)
         src = x_ptr + row * xs
         if SINGLE:
             offs = tl.arange(0, BLOCK)
             x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-            _store_e4m3_row(x, q_ptr + row * qs, s_ptr, row, offs, offs < n, MAX, RECIPROCAL)
+            _store_quant_row(x, q_ptr + row * qs, s_ptr, row, offs, offs < n, QUANT, ROT, BLOCK)
         else:
             amax = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+                if ROT > 0:
+                    x = _hadamard(x, BLOCK, ROT)
                 amax = _max_nan(amax, tl.abs(x))
-            scale = _scale_of(tl.reduce(amax, 0, _max_nan), RECIPROCAL)
+            if QUANT == 1:
+                scale = _scale_of(tl.reduce(amax, 0, _max_nan), 1.0 / 448.0)
+            else:
+                scale = _scale_of(tl.reduce(amax, 0, _max_nan), 1.0 / 127.0)
             tl.store(s_ptr + row, scale)
             inverse = tl.math.div_rn(1.0, scale)
             for start in range(0, n, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 x = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-                y = _e4m3(_clamp_nan(x * inverse, MAX))
+                if ROT > 0:
+                    x = _hadamard(x, BLOCK, ROT)
+                y = _codes(x, inverse, QUANT)
                 tl.store(q_ptr + row * qs + offs, y.to(q_ptr.dtype.element_ty), mask=offs < n)
+
+    @triton.jit
+    def _int8_epilogue_kernel(acc_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, m, n, HAS_BIAS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr):
+        """``((acc * x_scale) * w_scale + bias)`` in fp32, rounded once to the output dtype: the int8 matmul's
+        int32 result [m, n] read once, the result written once (torch's version is five passes over it)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rm[:, None] < m) & (rn[None, :] < n)
+        offs = rm[:, None].to(tl.int64) * n + rn[None, :]
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.float32)
+        xs = tl.load(xs_ptr + rm, mask=rm < m, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=rn < n, other=0.0)
+        y = acc * xs[:, None]
+        y = y * ws[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
+        DT: tl.constexpr = out_ptr.dtype.element_ty
+        tl.store(out_ptr + offs, _round(y, DT).to(DT), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``fp8.quantize_activation_rowwise`` in one kernel: (e4m3 ``x`` [rows, n], fp32 scale [rows, 1]) of a 2-D
-    activation, same values (amax in fp32, scale = amax times the fp32 reciprocal of 448, rows times the IEEE
-    reciprocal of their scale, clamp, round to nearest even; NaN and inf carried as torch does): bit for bit on the
-    CPU interpreter; on the H200 the scales are equal and the only differing codes are zeros written +0 where
-    torch writes -0 (2-3 in a million; ``benchmarks/results/quant_kernel_h200.json``).
+QUANT_KINDS = {"fp8": 1, "int8": 2}  # the kernels' QUANT codes
+_CODE_DTYPES = {1: torch.float8_e4m3fn, 2: torch.int8}
+MAX_ROTATION = 4096  # the largest Hadamard group ``_hadamard`` unrolls
+
+
+def _quant_code(quantize) -> int:
+    """0 (no quantization), 1 (e4m3) or 2 (int8) for ``quantize`` False/None, True/"fp8" or "int8"."""
+    if quantize is None or quantize is False:
+        return 0
+    if quantize is True:
+        return 1
+    if quantize not in QUANT_KINDS:
+        raise ValueError(f"quantize={quantize!r}: use False, True/'fp8' or 'int8'")
+    return QUANT_KINDS[quantize]
+
+
+def _rotation(code: int, rotation: int | None, n: int) -> int:
+    """The kernels' ROT (0: none) for a Hadamard group ``rotation`` on rows ``n`` wide; checked."""
+    if not rotation:
+        return 0
+    if code != 2:
+        raise ValueError("a Hadamard rotation goes with int8 quantization only")
+    if rotation < 4 or rotation > MAX_ROTATION or rotation & (rotation - 1) or (rotation.bit_length() - 1) % 2:
+        raise ValueError(f"Hadamard group {rotation}: use a power of 4 from 4 to {MAX_ROTATION}")
+    if n % rotation:
+        raise ValueError(f"rows {n} wide are not a whole number of Hadamard groups of {rotation}")
+    return int(rotation)
+
+
+def quantize_rows(x: torch.Tensor, kind: str = "fp8", rotation: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise quantization of a 2-D activation in one kernel: (codes [rows, n], fp32 scale [rows, 1]).
+
+    ``kind="fp8"``: ``fp8.quantize_activation_rowwise`` (amax in fp32, scale = amax times the fp32 reciprocal of 448,
+    rows times the IEEE reciprocal of their scale, clamp, round to nearest even; NaN and inf carried as torch does):
+    bit for bit on the CPU interpreter; on the H200 the scales are equal and the only differing codes are zeros
+    written +0 where torch writes -0 (2-3 in a million; ``benchmarks/results/quant_kernel_h200.json``).
+    ``kind="int8"``: ``int8.quantize_activation_rowwise_int8`` the same way with 127 (codes rounded to nearest even,
+    clamped to ±127; a NaN's code 0, its row's scale NaN or inf), of the rows rotated per group of ``rotation``
+    columns first when given (``int8.hadamard_rows``, the same fp32 operations): bit for bit on the interpreter
+    (tests/test_kernels.py); unmeasured on a GPU.
 
     Why: torch's version is six passes over the activation (abs, amax, float, divide, clamp, cast); before every
     fp8 matmul of a step that was 40 ms of a 1024² step on an H200 (``benchmarks/results/costs_h200.json``,
     ``step_gemm_quant_ms``), as much as the fp8 matmuls themselves."""
+    code = _quant_code(kind)
     x = _last_contig(x)
     rows, n = x.shape
-    q = torch.empty((rows, n), device=x.device, dtype=torch.float8_e4m3fn)
+    rot = _rotation(code, rotation, n)
+    q = torch.empty((rows, n), device=x.device, dtype=_CODE_DTYPES[code])
     scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
     block = min(16384, triton.next_power_of_2(n))  # one read per row up to 16384 wide, 32 values per thread
-    _quant_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), MAX=448.0, RECIPROCAL=1.0 / 448.0,
+    _quant_rows_kernel[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), QUANT=code, ROT=rot,
                                 BLOCK=block, SINGLE=block >= n, num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 
+def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``((acc.float() * x_scale) * w_scale.T + bias.float()).to(dtype)`` for the int32 result ``acc`` [m, n] of an
+    int8 matmul, ``x_scale`` [m, 1] and ``w_scale`` [n] fp32, in one pass (``int8.int8_linear``'s torch epilogue is
+    the reference: the same fp32 operations in the same order, bit for bit under the interpreter; on a GPU the
+    compiler may fuse the bias add into an fma, a difference of at most one fp32 rounding before the cast)."""
+    m, n = acc.shape
+    out = torch.empty((m, n), device=acc.device, dtype=dtype)
+    bm, bn = 32, 128
+    _int8_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        acc, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, HAS_BIAS=bias is not None,
+        BM=bm, BN=bn, num_warps=4)
+    return out
+
 
 class QuantizedRows(NamedTuple):
-    """A row-wise e4m3 activation, as ``fp8.fp8_linear`` takes it: ``q`` [rows, n], ``scale`` [rows, 1] fp32, and
-    the shape of the activation it stands for (``[*lead, n]``)."""
+    """A row-wise quantized activation, as ``fp8.fp8_linear`` (e4m3 ``q``) or ``int8.int8_linear`` (int8 ``q``) take
+    it: ``q`` [rows, n], ``scale`` [rows, 1] fp32, and the shape of the activation it stands for (``[*lead, n]``)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype  # the compute dtype it was rounded to (the matmul's result comes back in it)
+    rotation: int | None = None  # int8: the Hadamard group the rows were rotated by before quantization
 
 
-def _outputs(shape, device, dtype, quantize: bool):
-    """(output buffer, row-scale buffer) for a row kernel: e4m3 rows and fp32 scales when ``quantize``."""
-    if not quantize:
+def _outputs(shape, device, dtype, code: int):
+    """(output buffer, row-scale buffer) for a row kernel: codes (e4m3 or int8) and fp32 scales when ``code``."""
+    if not code:
         return torch.empty(shape, device=device, dtype=dtype), None
     rows = shape.numel() // shape[-1]
-    return (torch.empty((rows, shape[-1]), device=device, dtype=torch.float8_e4m3fn),
+    return (torch.empty((rows, shape[-1]), device=device, dtype=_CODE_DTYPES[code]),
             torch.empty((rows, 1), device=device, dtype=torch.float32))
 
 
+def _result(out, qs, shape, dtype, code: int, rot: int):
+    return QuantizedRows(out, qs, shape, dtype, rot or None) if code else out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: torch.Tensor | None = None,
-             quantize: bool = False):
+             quantize: bool | str = False, rotation: int | None = None):
     """``blocks.rms(x, weight, eps)`` (times ``scale``, broadcast to ``x``, when given) in one pass; ``x`` may be a
-    strided view with up to 4 dims. Contiguous result in ``x``'s dtype; with ``quantize``, that result quantized
-    for an fp8 matmul instead (``QuantizedRows``, the same bits as ``quantize_rows`` of it)."""
+    strided view with up to 4 dims. Contiguous result in ``x``'s dtype; with ``quantize`` (True or "fp8", "int8"),
+    that result quantized for an fp8 or int8 matmul instead (``QuantizedRows``, the same bits as ``quantize_rows``
+    of it, rotated by the Hadamard groups of ``rotation`` first for int8 when given)."""
     x = _last_contig(x)
     n = x.shape[-1]
-    out, qs = _outputs(x.shape, x.device, x.dtype, quantize)
+    code = _quant_code(quantize)
+    rot = _rotation(code, rotation, n)
+    out, qs = _outputs(x.shape, x.device, x.dtype, code)
     n0, n1, n2 = _sizes3(x.shape)
     block = triton.next_power_of_2(n)
     s = _last_contig(scale) if scale is not None else x
-    _rms_kernel[(n0 * n1 * n2,)](x, weight, s, out, qs if quantize else x, n, float(eps), n1, n2,
+    _rms_kernel[(n0 * n1 * n2,)](x, weight, s, out, qs if code else x, n, float(eps), n1, n2,
                                  *_lead3(x, x.shape), *_lead3(s, x.shape), HAS_SCALE=scale is not None,
-                                 QUANT=quantize, BLOCK=block, num_warps=_warps(block))
-    return QuantizedRows(out, qs, x.shape, x.dtype) if quantize else out
+                                 QUANT=code, ROT=rot, BLOCK=block, num_warps=_warps(block))
+    return _result(out, qs, x.shape, x.dtype, code, rot)
 
 
 def residual(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None = None,
              next_weight: torch.Tensor | None = None, next_eps: float | None = None,
-             next_scale: torch.Tensor | None = None, quantize_next: bool = False):
+             next_scale: torch.Tensor | None = None, quantize_next: bool | str = False,
+             rotation: int | None = None):
     """``x + gate * rms(o, weight, eps)`` (``x + rms(o)`` without gate) in one pass. With ``next_weight``, also
     ``rms(x_new, next_weight, next_eps) * next_scale`` from the same registers: returns ``(x_new, h)``, ``h`` as
-    ``QuantizedRows`` with ``quantize_next``."""
+    ``QuantizedRows`` with ``quantize_next`` (True or "fp8", "int8"; ``rotation`` as in ``rms_norm``)."""
     x, o = _last_contig(x), _last_contig(o)
     n = x.shape[-1]
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    quantize_next = quantize_next and next_weight is not None
-    h, qs = _outputs(x.shape, x.device, x.dtype, quantize_next) if next_weight is not None else (out, None)
+    code = _quant_code(quantize_next) if next_weight is not None else 0
+    rot = _rotation(code, rotation, n)
+    h, qs = _outputs(x.shape, x.device, x.dtype, code) if next_weight is not None else (out, None)
     n0, n1, n2 = _sizes3(x.shape)
     block = triton.next_power_of_2(n)
     g = _last_contig(gate) if gate is not None else x
     s = _last_contig(next_scale) if next_scale is not None else x
     _residual_kernel[(n0 * n1 * n2,)](
-        x, o, weight, g, next_weight if next_weight is not None else weight, s, out, h, qs if quantize_next else x,
+        x, o, weight, g, next_weight if next_weight is not None else weight, s, out, h, qs if code else x,
         n, float(eps), float(next_eps if next_eps is not None else eps), n1, n2, *_lead3(x, x.shape),
         *_lead3(o, x.shape), *_lead3(g, x.shape), *_lead3(s, x.shape), HAS_GATE=gate is not None,
-        HAS_NEXT=next_weight is not None, HAS_SCALE=next_scale is not None, QUANT=quantize_next, BLOCK=block,
+        HAS_NEXT=next_weight is not None, HAS_SCALE=next_scale is not None, QUANT=code, ROT=rot, BLOCK=block,
         num_warps=_warps(block))
     if next_weight is None:
         return out
-    return out, (QuantizedRows(h, qs, x.shape, x.dtype) if quantize_next else h)
+    return out, _result(h, qs, x.shape, x.dtype, code, rot)
 
 
-def silu_mul(g1: torch.Tensor, g3: torch.Tensor, quantize: bool = False):
+def silu_mul(g1: torch.Tensor, g3: torch.Tensor, quantize: bool | str = False, rotation: int | None = None):
     """``F.silu(g1) * g3`` in one pass (the halves of the fused w1/w3 result may be strided views); with
-    ``quantize``, as ``QuantizedRows`` for an fp8 matmul (rows up to 16384 wide: one program per row)."""
+    ``quantize`` (True or "fp8", "int8"; ``rotation`` as in ``rms_norm``), as ``QuantizedRows`` for an fp8 or int8
+    matmul (rows up to 16384 wide: one program per row; wider rows come back unquantized)."""
     g1, g3 = _last_contig(g1), _last_contig(g3)
     n = g1.shape[-1]
-    quantize = quantize and n <= 16384
-    out, qs = _outputs(g1.shape, g1.device, g1.dtype, quantize)
+    code = _quant_code(quantize) if n <= 16384 else 0
+    rot = _rotation(code, rotation, n)
+    out, qs = _outputs(g1.shape, g1.device, g1.dtype, code)
     n0, n1, n2 = _sizes3(g1.shape)
-    block = triton.next_power_of_2(n) if quantize else min(2048, triton.next_power_of_2(n))
+    block = triton.next_power_of_2(n) if code else min(2048, triton.next_power_of_2(n))
     grid = (n0 * n1 * n2, triton.cdiv(n, block))
-    _silu_mul_kernel[grid](g1, g3, out, qs if quantize else g1, n, n1, n2, *_lead3(g1, g1.shape),
-                           *_lead3(g3, g1.shape), QUANT=quantize, BLOCK=block,
-                           num_warps=max(4, min(16, block // 1024)) if quantize else _warps(block))
-    return QuantizedRows(out, qs, g1.shape, g1.dtype) if quantize else out
+    _silu_mul_kernel[grid](g1, g3, out, qs if code else g1, n, n1, n2, *_lead3(g1, g1.shape),
+                           *_lead3(g3, g1.shape), QUANT=code, ROT=rot, BLOCK=block,
+                           num_warps=max(4, min(16, block // 1024)) if code else _warps(block))
+    return _result(out, qs, g1.shape, g1.dtype, code, rot)
 
 
 def rope_supported(x: torch.Tensor, cos: torch.Tensor) -> bool:

@@ -23,9 +23,11 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from . import formats
-from .dtypes import ComponentDtype, apply_storage_casting, component_dtype, dtype_name, set_component_dtype
+from .dtypes import (QUANTIZED_STORAGE, ComponentDtype, apply_storage_casting, component_dtype, dtype_name,
+                     set_component_dtype)
 from .errors import ZImageError
 from .fp8 import FP8Linear, swap_linears
+from .int8 import Int8Linear
 from .quantized import QuantizedReader, split_fp8_rows
 from .inputs import read_json
 from .safetensors_io import Checkpoint, StagingBuffer, check_finite, check_loaded_tensor, finite_probe
@@ -116,7 +118,7 @@ def _shapes(ckpt: Checkpoint) -> dict[str, tuple]:
 
 
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype: torch.dtype) -> None:
-    """Put one tensor into the meta model: cast, move, or quantize it for an FP8Linear."""
+    """Put one tensor into the meta model: cast, move, or quantize it for an FP8Linear or Int8Linear."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if isinstance(module, FP8Linear) and attr == "weight":
@@ -127,7 +129,10 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype: tor
             return
         module.load_weight(tensor.to(device))
         return
-    if isinstance(module, FP8Linear) and attr == "bias":
+    if isinstance(module, Int8Linear) and attr == "weight":
+        module.load_weight(tensor.to(device))
+        return
+    if isinstance(module, (FP8Linear, Int8Linear)) and attr == "bias":
         dtype = module.compute_dtype
     set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
 
@@ -141,15 +146,15 @@ def _finish(model: nn.Module, expected: set[str], loaded: set[str], source: str,
         )
     model.to(device)  # non-persistent buffers (rotary tables) built on the CPU at init
     model.eval().requires_grad_(False)
-    if cdtype.storage != cdtype.compute and cdtype.storage != torch.float8_e4m3fn:
+    if cdtype.storage != cdtype.compute and cdtype.storage not in QUANTIZED_STORAGE:
         apply_storage_casting(model, cdtype, skip=("norm", "t_embedder", "cap_embedder", "rotary_emb"))
     set_component_dtype(model, cdtype)
     return model
 
 
 def _target_dtype(cdtype: ComponentDtype) -> torch.dtype:
-    """With fp8 storage only the swapped linears hold e4m3; every other tensor keeps the compute dtype."""
-    return cdtype.compute if cdtype.storage == torch.float8_e4m3fn else cdtype.storage
+    """With fp8/int8 storage only the swapped linears hold e4m3/int8; every other tensor keeps the compute dtype."""
+    return cdtype.compute if cdtype.storage in QUANTIZED_STORAGE else cdtype.storage
 
 
 def _stream_into(model, items, cdtype: ComponentDtype, device, expected: set[str], source: str) -> set[str]:
@@ -177,6 +182,17 @@ def _fp8_targets(model: nn.Module, suffixes: tuple[str, ...]) -> list[str]:
             and (".layers." in f".{n}" or "refiner." in n)]
 
 
+def _swap_quantized(model: nn.Module, cdtype: ComponentDtype, suffixes: tuple[str, ...]) -> set[str]:
+    """With fp8 or int8 storage, the linears named by ``suffixes`` become (empty) ``FP8Linear``/``Int8Linear``
+    modules; returns their names (none for other storage dtypes)."""
+    if cdtype.storage not in QUANTIZED_STORAGE:
+        return set()
+    names = set(_fp8_targets(model, suffixes))
+    cls = FP8Linear if cdtype.storage == torch.float8_e4m3fn else Int8Linear
+    swap_linears(model, sorted(names), cdtype.compute, cls)
+    return names
+
+
 def load_transformer(source, cdtype: ComponentDtype, device="cpu", stats: list | None = None):
     """A ``ZImageTransformer2DModel`` from a single file (original or diffusers keys) or a folder of shards."""
     from diffusers import ZImageTransformer2DModel
@@ -191,17 +207,15 @@ def load_transformer(source, cdtype: ComponentDtype, device="cpu", stats: list |
               if not k.startswith("_")}
     with init_empty_weights():
         model = ZImageTransformer2DModel(**config)
-    fp8 = set()
-    if cdtype.storage == torch.float8_e4m3fn:
-        fp8 = set(_fp8_targets(model, TRANSFORMER_FP8_LINEARS))
-        swap_linears(model, sorted(fp8), cdtype.compute)
+    fp8 = _swap_quantized(model, cdtype, TRANSFORMER_FP8_LINEARS)
+    exact = bool(fp8) and cdtype.storage == torch.float8_e4m3fn  # an e4m3 file's bits kept (int8: requantized)
     expected = {n for n, _ in model.named_parameters()} - {f"{m}.weight_scale" for m in fp8}
     original = "all_x_embedder.2-1.weight" not in ckpt
 
     staging = StagingBuffer(_target_dtype(cdtype), device)
 
     def items():
-        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, fp8_exact=bool(fp8)):
+        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, fp8_exact=exact):
             if original:
                 converted = convert_z_image_transformer_checkpoint_to_diffusers({key: tensor})
                 yield from split_fp8_rows(key, tensor, converted).items()
@@ -237,10 +251,8 @@ def load_text_encoder(source, cdtype: ComponentDtype, device="cpu", stats: list 
     with init_empty_weights():
         model = Qwen3Model(qcfg)
     model.norm = nn.Identity()
-    fp8 = set()
-    if cdtype.storage == torch.float8_e4m3fn:
-        fp8 = set(_fp8_targets(model, TEXT_ENCODER_FP8_LINEARS))
-        swap_linears(model, sorted(fp8), cdtype.compute)
+    fp8 = _swap_quantized(model, cdtype, TEXT_ENCODER_FP8_LINEARS)
+    exact = bool(fp8) and cdtype.storage == torch.float8_e4m3fn
     expected = {n for n, _ in model.named_parameters()} - {f"{m}.weight_scale" for m in fp8}
     prefix = formats.text_encoder_prefix(ckpt.keys())
     skip = (f"layers.{full_layers - 1}.", "norm.", "lm_head.")
@@ -252,7 +264,7 @@ def load_text_encoder(source, cdtype: ComponentDtype, device="cpu", stats: list 
     staging = StagingBuffer(_target_dtype(cdtype), device)
 
     def items():
-        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, keys=wanted, fp8_exact=bool(fp8)):
+        for key, tensor in quant.iter_tensors(_target_dtype(cdtype), staging, keys=wanted, fp8_exact=exact):
             yield key[len(prefix):], tensor
 
     loaded = _stream_into(model, items(), cdtype, device, expected, name)

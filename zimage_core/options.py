@@ -16,6 +16,6 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "flash", "efficient", "math")
 OFFLOAD_MODES = ("none", "model", "sequential")
 GUARD_POLICIES = ("off", "detect", "auto", "clamp")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
-STORAGE_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+STORAGE_DTYPES = ("auto", "bf16", "fp16", "fp32", "fp8_e4m3fn", "int8")
 
 MIN_TILE_SIZE, MAX_TILE_SIZE, TILE_SIZE_STEP = 64, 4096, 8  # pixels, for the tiled VAE decode

@@ -32,6 +32,7 @@ import torch.nn as nn
 from .blocks import BlockShape, BlockWeights, Linear, linear_of
 from .errors import ZImageError
 from .fp8 import quantize_rowwise
+from .int8 import quantize_rowwise_int8
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, WeightOwner]" = weakref.WeakKeyDictionary()
 
@@ -149,8 +150,8 @@ class WeightOwner:
                     view += patch.delta(view, strength).to(view.device)
                     if not bool(torch.isfinite(view).all()):
                         _not_finite(name, patch, strength, label, "the merged weight is NaN or Inf in fp32")
-                if scale is not None:  # fp8: fresh row scales for the merged weight
-                    w8, new_scale = quantize_rowwise(merged)
+                if scale is not None:  # fp8/int8: fresh row scales for the merged weight (int8: unrotated ones)
+                    w8, new_scale = (quantize_rowwise_int8 if weight.dtype == torch.int8 else quantize_rowwise)(merged)
                     weight.copy_(w8)
                     scale.copy_(new_scale.to(scale.dtype))
                 else:
@@ -206,9 +207,9 @@ class _Fused:
 
 
 def _cat(linears: list[Linear]) -> Linear:
-    """The rows of ``linears`` (weights, and fp8 row scales when they have them) in one matrix."""
+    """The rows of ``linears`` (weights, and fp8/int8 row scales when they have them) in one matrix."""
     scale = torch.cat([l.scale.detach() for l in linears]) if linears[0].scale is not None else None
-    return Linear(torch.cat([l.weight.detach() for l in linears]), scale, None)
+    return Linear(torch.cat([l.weight.detach() for l in linears]), scale, None, linears[0].rotation)
 
 
 def _fuse(modules: list[nn.Module]) -> Linear:
