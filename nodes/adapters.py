@@ -213,6 +213,7 @@ def load_model(model_dir: str | None, files: dict[str, str | None], dtype: str, 
 
 # ---------------------------------------------------------------------------- ComfyUI's weights, for Accelerate
 FP8_LAYOUTS = ("TensorCoreFP8E4M3Layout", "TensorCoreFP8Layout")  # comfy_quant float8_e4m3fn (and legacy scaled fp8)
+INT8_LAYOUT = "TensorWiseINT8Layout"  # comfy_quant int8_tensorwise, int8_convrot (Hadamard-rotated groups)
 GPU_NATIVE_LAYOUTS = {"TensorCoreNVFP4Layout": ("nvfp4", (10, 0)), "TensorCoreMXFP8Layout": ("mxfp8", (10, 0))}
 
 
@@ -223,7 +224,8 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
     the weights as they do without our node; and ComfyUI's attention dispatch when another node chose an attention.
 
     Quantized weights (``QuantizedTensor``): e4m3 (comfy_quant float8_e4m3fn, converted legacy scaled fp8) runs our
-    fp8 matmul on its raw data and scale; nvfp4 and mxfp8 run ComfyUI's own forward on GPUs whose tensor cores take
+    fp8 matmul on its raw data and scale, int8 (int8_tensorwise, int8_convrot) our int8 matmul with the rotation;
+    nvfp4 and mxfp8 run ComfyUI's own forward on GPUs whose tensor cores take
     them (compute capability 10.0+), else our maths on the weight dequantized per op, as are the other formats."""
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management as mm
@@ -245,7 +247,10 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
     def quantized(weight):
         layout = getattr(weight, "_layout_cls", None)
         if layout in FP8_LAYOUTS:
-            return "raw", None
+            return "raw", (torch.float8_e4m3fn, None)
+        if layout == INT8_LAYOUT and not getattr(weight._params, "transposed", False):
+            params = weight._params
+            return "raw", (torch.int8, params.convrot_groupsize if getattr(params, "convrot", False) else None)
         if layout in GPU_NATIVE_LAYOUTS:
             name, capability = GPU_NATIVE_LAYOUTS[layout]
             device = weight.device
@@ -254,11 +259,15 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
         return "dequantize", None
 
     def raw(weight):
-        if getattr(weight, "_layout_cls", None) not in FP8_LAYOUTS:
+        layout = getattr(weight, "_layout_cls", None)
+        if layout not in FP8_LAYOUTS and layout != INT8_LAYOUT:
             return None
-        data, scale = weight._qdata, weight._params.scale
-        scale = scale.float()
-        return data, (scale.view(-1, 1) if scale.numel() > 1 else scale)
+        params = weight._params
+        scale = params.scale.float()
+        scale = scale.view(-1, 1) if scale.numel() > 1 else scale
+        if layout == INT8_LAYOUT:
+            return weight._qdata, scale, params.convrot_groupsize if getattr(params, "convrot", False) else None
+        return weight._qdata, scale
 
     def attention(transformer_options, heads):
         def run(q, k, v, mask):  # ComfyUI's dispatch (it applies the override) on [B, heads, S, head_dim]
@@ -279,12 +288,12 @@ def stored_dtype(weight) -> torch.dtype:
 
 
 def fp8_auto(patcher, diffusion_model) -> bool:
-    """Whether ComfyUI itself multiplies this model in fp8: UNETLoader's ``fp8_e4m3fn_fast`` (the model config's
-    fp8 optimization), or comfy_quant e4m3 weights (its quantized linear)."""
+    """Whether ComfyUI itself multiplies this model in low precision: UNETLoader's ``fp8_e4m3fn_fast`` (the model
+    config's fp8 optimization), or comfy_quant e4m3 / int8 weights (its quantized linear)."""
     config = getattr(patcher.model, "model_config", None)
     if getattr(config, "optimizations", {}).get("fp8", False):
         return True
-    return getattr(diffusion_model.layers[0].attention.qkv.weight, "_layout_cls", None) in FP8_LAYOUTS
+    return getattr(diffusion_model.layers[0].attention.qkv.weight, "_layout_cls", None) in (*FP8_LAYOUTS, INT8_LAYOUT)
 
 
 def loaded_summary(patcher) -> str:

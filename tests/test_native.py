@@ -512,6 +512,8 @@ if __name__ != "__main__":
         assert set(fp8["weight_dtypes"]) == {"fp8_e4m3fn"}, fp8
         if version != "0.3.75":
             assert users["comfy_quant_float8_e4m3fn"]["fetched_blocks"] > 0
+            # int8_convrot runs our int8 matmul on the file's own codes and rotation (torch._int_mm runs on the CPU)
+            assert set(users["comfy_quant_int8_convrot"]["weight_dtypes"]) == {"int8"}, users["comfy_quant_int8_convrot"]
             for name in ("dynamic_marks", "dynamic_marks_fp8"):  # every block through ComfyUI's dynamic cast
                 assert users[name]["fetched_blocks"] == users[name]["fast_blocks"] > 0, users[name]
             fp8 = users["dynamic_marks_fp8"]  # an fp8 weight_dtype under dynamic VRAM stays fp8 (issue 26)

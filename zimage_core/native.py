@@ -142,10 +142,11 @@ class ModuleWeights:
 class _FetchedLinear(Fetched):
     """A linear layer's weight through a ``CastWeights`` provider (see there for ``mode``)."""
 
-    __slots__ = ("provider", "module", "mode", "dtype", "scale", "_held")
+    __slots__ = ("provider", "module", "mode", "dtype", "scale", "rotation", "shape", "_held")
 
-    def __init__(self, provider, module, mode: str, dtype, scale):
+    def __init__(self, provider, module, mode: str, dtype, scale, rotation=None):
         self.provider, self.module, self.mode, self.dtype, self.scale = provider, module, mode, dtype, scale
+        self.rotation, self.shape = rotation, (module.out_features, module.in_features)
         self._held = None
 
     def get(self, x):
@@ -154,7 +155,7 @@ class _FetchedLinear(Fetched):
         if self.mode == "quantized":  # the raw data of a format our matmuls run, else dequantized per op
             raw = self.provider.raw(weight)
             if raw is not None:
-                return Linear(raw[0], raw[1], bias)
+                return Linear(*raw[:2], bias, raw[2] if len(raw) > 2 else None)
             weight = weight.dequantize() if hasattr(weight, "dequantize") else weight
         if self.scale is not None and self.mode == "float":  # legacy scaled fp8 under per-op LoRA: scale after
             weight = weight * self.scale.to(device=weight.device, dtype=weight.dtype)
@@ -192,10 +193,11 @@ class CastWeights(ModuleWeights):
     - ``cast(module, x, mode) -> (weight, bias, token)``: the weight on ``x``'s device; ``mode`` is ``"float"`` (in
       ``x``'s dtype, with any per-op patch applied), ``"fp8"`` (a raw e4m3 weight kept in fp8) or ``"quantized"``
       (a quantized tensor kept as it is); ``uncast(module, weight, bias, token)`` after the last use.
-    - ``quantized(weight) -> (format, why)``: how a quantized weight runs: ``"raw"`` (``raw`` gives its data for our
-      matmuls), ``"dequantize"`` (per op, our maths in the compute dtype) or ``"native"`` (ComfyUI's own forward,
-      ``why`` says why).
-    - ``raw(weight) -> (data, scale) | None``: e4m3 data with its fp32 scale (a scalar or per row).
+    - ``quantized(weight) -> (how, detail)``: how a quantized weight runs: ``"raw"`` (``raw`` gives its data for our
+      matmuls; ``detail`` is (its dtype, its int8 rotation group or None)), ``"dequantize"`` (per op, our maths in the
+      compute dtype) or ``"native"`` (ComfyUI's own forward; ``detail`` says why).
+    - ``raw(weight) -> (data, scale[, rotation]) | None``: e4m3 or int8 data with its fp32 scale (a scalar or per
+      row), and an int8 weight's Hadamard group (int8_convrot).
     - ``attention(transformer_options, heads) -> function or None``: ComfyUI's attention dispatch when another node
       chose an attention.
     - ``stored_dtype(weight) -> dtype``: the dtype the owner keeps a plain weight in (under ComfyUI's dynamic VRAM the
@@ -219,7 +221,8 @@ class CastWeights(ModuleWeights):
         return None, None
 
     def _mode(self, module, x: torch.Tensor):
-        """(mode, dtype get() returns, fp8 scale, reason to run natively) of a linear layer, by its weight now."""
+        """(mode, dtype get() returns, fp8 scale, int8 rotation, reason to run natively) of a linear layer, by its
+        weight now."""
         weight = module.__dict__["_parameters"]["weight"]
         key = id(module)
         cached = self._modes.get(key)
@@ -229,17 +232,17 @@ class CastWeights(ModuleWeights):
         scale = _attr(module, "scale_weight")
         data = weight.data if isinstance(weight, nn.Parameter) else weight
         if type(data) is not torch.Tensor:  # a quantized tensor (comfy_quant, int8, nvfp4, mxfp8 ...)
-            how, why = self._quantized(data) if self._quantized is not None else ("native", "quantized weights")
+            how, detail = self._quantized(data) if self._quantized is not None else ("native", "quantized weights")
             if how == "native":
-                result = (None, None, None, why)
-            elif functions or how == "dequantize":  # a LoRA per op, or a format we dequantize: the compute dtype
-                result = ("quantized", x.dtype, None, None)
-            else:
-                result = ("quantized", torch.float8_e4m3fn, None, None)
+                result = (None, None, None, None, detail)
+            elif functions or how == "dequantize" or not self.fp8_matmul:  # per-op LoRA, or dequantized per op
+                result = ("quantized", x.dtype, None, None, None)
+            else:  # the raw e4m3 or int8 data for our matmuls
+                result = ("quantized", detail[0], None, detail[1], None)
         elif self.stored_dtype(data) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
-            result = ("fp8", torch.float8_e4m3fn, scale, None)
+            result = ("fp8", torch.float8_e4m3fn, scale, None, None)
         else:  # float, e5m2, or fp8 under a per-op LoRA: cast to the compute dtype per op
-            result = ("float", x.dtype, scale, None)
+            result = ("float", x.dtype, scale, None, None)
         self._modes[key] = (weight, functions, *result)
         return result
 
@@ -251,10 +254,10 @@ class CastWeights(ModuleWeights):
         for module in (modules.modulation, modules.qkv, modules.out, *modules.ffn, modules.w2):
             if module is None:
                 continue
-            mode, dtype, scale, why = self._mode(module, x)
+            mode, dtype, scale, rotation, why = self._mode(module, x)
             if mode is None:
                 return None, why
-            linears[id(module)] = _FetchedLinear(self, module, mode, dtype, scale)
+            linears[id(module)] = _FetchedLinear(self, module, mode, dtype, scale, rotation)
         return map_block(modules, lambda m: linears[id(m)], lambda m: _FetchedNorm(self, m, x.dtype)), None
 
 
@@ -549,10 +552,14 @@ class NativeAccelerator:
 
 
 def fp8_matmul_usable(weight_dtype: torch.dtype, device) -> tuple[bool, str]:
-    """Whether fp8 matmuls can run: e4m3 weights (``weight_dtype``: the blocks' stored dtype) and fp8 tensor cores
-    on ``device``."""
+    """Whether low-precision matmuls can run on weights stored in ``weight_dtype``: e4m3 on fp8 tensor cores, int8
+    on int8 tensor cores (``torch._int_mm``: CUDA 8.0+ or the CPU)."""
+    if weight_dtype == torch.int8:
+        from .int8 import int8_mm_available
+
+        return (True, "") if int8_mm_available(device) else (False, f"{device} has no int8 matrix multiply")
     if weight_dtype != torch.float8_e4m3fn:
-        return False, f"the weights are {dtype_name(weight_dtype)}, not fp8_e4m3fn"
+        return False, f"the weights are {dtype_name(weight_dtype)}, not fp8_e4m3fn or int8"
     if not scaled_mm_available(device):
         return False, f"{device} has no fp8 matrix multiply"
     return True, ""
