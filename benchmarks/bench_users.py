@@ -180,10 +180,14 @@ def child(args) -> dict:
         print(f"{args.child} {name}: first call {out[f'{name}_first_call_s']:.2f} s, held {mem[name]}", flush=True)
         if name == "native":
             mm.unload_all_models()  # ours starts from the same state: the model is loaded by the sampler call
+    repeat = {}  # run to run: each path against its own previous round (the noise floor of the comparison)
     for _ in range(args.rounds):
         for name, patcher in (("native", model), ("ours", fast)):
+            previous = latents[name]
             seconds, latents[name] = sample(patcher)
             times[name].append(seconds)
+            repeat[name] = float((latents[name] - previous).norm() / previous.norm())
+    out["rel_l2_run_to_run"] = repeat
     report = accel.report()
     med = {k: statistics.median(v) for k, v in times.items()}
     rel = float((latents["ours"] - latents["native"]).norm() / latents["native"].norm())
