@@ -324,7 +324,7 @@ class NativeAccelerator:
         self.native_runs = 0  # blocks run by ComfyUI's forward, over all calls
         self.fast_runs = 0  # blocks run by our maths
         self.fetched_runs = 0  # of those, blocks whose weights the provider fetched per op (streamed, quantized ...)
-        self.weight_dtypes: dict[str, int] = {}  # dtype of the weights our blocks multiplied by -> matrices
+        self.weight_dtypes: dict[str, int] = {}  # dtype of the weights our blocks multiplied by -> block runs
         self.calls = 0
         self.probe_runs = 0
         self.checks = 0
