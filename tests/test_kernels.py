@@ -367,6 +367,42 @@ def _checks() -> dict:
                 res[f"int8_block_{name}_{tag}_{rot}"] = dict(
                     _err(ours, reference(blocks.block_forward, *args)),
                     **{k: counts[k] - before[k] for k in counts})
+    # the same int8 block with every weight handed out around its use (blocks.Fetched: how the Accelerate node gets
+    # ComfyUI's streamed or quantized weights): the kernels' quantized rows reach fetched int8 weights, the result is
+    # bit for bit the plain view's, at most two weights are held at once and every one is given back
+    class Held(blocks.Fetched):
+        live = peak = 0
+
+        def __init__(self, value, dtype, rotation=None, shape=()):
+            self.value, self.dtype, self.rotation, self.shape = value, dtype, rotation, shape
+
+        def get(self, x):
+            assert torch.is_tensor(x) and x.dtype in (torch.float32, torch.bfloat16), type(x)
+            Held.live += 1
+            Held.peak = max(Held.peak, Held.live)
+            return self.value
+
+        def done(self):
+            Held.live -= 1
+
+    def held_view(view, dt):
+        lin = lambda l: Held(l, l.weight.dtype, l.rotation, tuple(l.weight.shape))  # noqa: E731
+        ffn = lin(view.ffn) if isinstance(view.ffn, Linear) else tuple(lin(f) for f in view.ffn)
+        return blocks.BlockWeights(lin(view.modulation) if view.modulation is not None else None,
+                                   tuple(Held(n, dt) for n in view.norms), lin(view.qkv), lin(view.out), ffn,
+                                   lin(view.w2))
+
+    for rot in (None, 16):
+        x = rnd(2, 11, 96, dtype=torch.bfloat16)
+        ang = torch.rand(2, 11, 1, 16, generator=g) * 6.28
+        view = int8_view(owner96.block("layers.1", False), rot)
+        args = (x, None, ang.cos(), ang.sin(), rnd(2, 96, dtype=torch.bfloat16))
+        before = dict(counts)
+        Held.live = Held.peak = 0
+        fetched = blocks.block_forward(*args, held_view(view, torch.bfloat16), owner96.shape, True)
+        res[f"int8_block_fetched_{rot}"] = {
+            "equal": torch.equal(fetched, blocks.block_forward(*args, view, owner96.shape, True)),
+            "live": Held.live, "peak": Held.peak, **{k: counts[k] - before[k] for k in counts}}
     for k, fn in plain.items():
         setattr(kernels, k, fn)
     # under torch.compile the row kernels step aside (dynamo traces the plain torch ops, which inductor fuses) and
@@ -542,6 +578,16 @@ def test_int8_block_with_kernels_matches_torch(measured, dtype, name, rot):
     # int8 matmuls of inputs that differ by kernel ulps: measured 0 to 1e-7 (fp32), 0 (bf16) but one case at 2.0e-4
     # where a bf16 ulp moved a value across an int8 rounding boundary
     assert m["rel_l2"] <= 2e-3, m
+
+
+@pytest.mark.parametrize("rot", ["None", "16"])
+def test_fetched_int8_weights_take_the_kernels_quantized_rows(measured, rot):
+    """Weights fetched around their use (the Accelerate node's ComfyUI weights): the same bits as the plain view, the
+    inputs quantized by the kernels reach them (one separate quantization: the attention output), at most two held
+    at once, all given back."""
+    m = measured[f"int8_block_fetched_{rot}"]
+    assert m["equal"] and m["live"] == 0 and 1 <= m["peak"] <= 2, m
+    assert m["quantize_rows"] == 2, m  # one per run (fetched and plain): the attention output
 
 
 @pytest.mark.parametrize("case", ["eager_float32", "eager_bfloat16", "inductor_float32"])
