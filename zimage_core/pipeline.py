@@ -21,6 +21,7 @@ from .denoiser import Denoiser
 from .fast_denoiser import FastDenoiser, start_process_warm_up, wait_warm_ups
 from .attention import check_backend
 from .fp8 import scaled_mm_available
+from .int8 import int8_mm_available
 from .offload import Offloader, place
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
@@ -272,9 +273,11 @@ class ZImage:
             self.denoiser = Denoiser(self.transformer, self.device, dtype=compute, attention=speed.attention,
                                      guard=self.guard)
         else:
-            fp8 = speed.fp8_matmul
+            fp8 = speed.fp8_matmul  # fp8 and int8 weights multiply in their own precision where the GPU can
             if fp8 == "auto":
-                fp8 = self.policy.transformer.storage == torch.float8_e4m3fn and scaled_mm_available(self.device)
+                storage = self.policy.transformer.storage
+                fp8 = ((storage == torch.float8_e4m3fn and scaled_mm_available(self.device))
+                       or (storage == torch.int8 and int8_mm_available(self.device) and self.device.type == "cuda"))
             self.denoiser = FastDenoiser(self.transformer, self.device, dtype=compute, compile=speed.compile,
                                          attention=speed.attention, fp8_matmul=bool(fp8), cuda_graph=speed.cuda_graph,
                                          fuse_ffn=speed.fuse_ffn, guard=self.guard, offloader=self.offloader)
