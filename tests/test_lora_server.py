@@ -15,8 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from comfy_harness import ComfyServer, messages, shared_env
 from test_native_workflows import LORA_FILE
+from test_reliability_lora_files import CASES
 
 NAN_LORA = "damaged_nan_lora.safetensors"
+# the six kinds of damaged file the issue names (defect 3): each refused by the LoRA node, naming the file and the key
+DAMAGED = {name: (sd, key) for name, sd, key, _ in CASES
+           if name in ("up_down_rank", "up_1d", "rank_0", "dora_7x1", "loha_w2a_rank", "alpha_2")}
 FILES = dict(transformer="z_image_turbo_bf16.safetensors", text_encoder="qwen_3_4b.safetensors")
 
 
@@ -29,12 +33,15 @@ def env(tmp_path_factory, tiny_split, tiny_dir):
     sd[key] = sd[key].clone()
     sd[key][0, 0] = float("nan")
     save_file(sd, str(loras / NAN_LORA))
+    for name, (damaged, _) in DAMAGED.items():
+        save_file({k: v.contiguous() for k, v in damaged.items()}, str(loras / f"damaged_{name}.safetensors"))
     return env
 
 
 def graph(env, kind: str, prefix: str) -> dict:
     """Text to image at 64x64 through one of two loader nodes of the same files: ``lora`` (the Loader, then a LoRA
-    node), ``plain`` (the deprecated all-options loader, no LoRA) or ``nan`` (the Loader with the damaged LoRA)."""
+    node), ``plain`` (the deprecated all-options loader, no LoRA), ``nan`` (the Loader with the NaN LoRA) or a
+    LoRA file name (the Loader with that file)."""
     if kind == "plain":
         loader = {"class_type": "ZTurboLoader", "inputs": {
             "diffusers_model": "none", **FILES, "vae": env.tiny_vae, "dtype": "auto", "transformer_storage": "auto",
@@ -46,7 +53,7 @@ def graph(env, kind: str, prefix: str) -> dict:
     model = ["1", 0]
     if kind != "plain":
         prompt["7"] = {"class_type": "ZTurboLoRA", "inputs": {
-            "model": model, "lora_name": NAN_LORA if kind == "nan" else LORA_FILE, "strength": 1.0}}
+            "model": model, "lora_name": {"nan": NAN_LORA, "lora": LORA_FILE}.get(kind, kind), "strength": 1.0}}
         model = ["7", 0]
     prompt.update({
         "2": {"class_type": "ZTurboTextEncode", "inputs": {"model": model, "text": "a shared model"}},
@@ -126,3 +133,20 @@ def test_graphs_queued_alternately_each_get_their_reference(env, references):
     for kind, prompt_id in queued:
         assert np.array_equal(image_of(server, server.wait(prompt_id)), refs[kind]), (kind, prompt_id)
 
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGED))
+def test_damaged_lora_files_are_refused_by_the_lora_node(env, references, name):
+    """Factor shapes that don't fit together: the LoRA node itself names the file and the key, before any merge;
+    the same server then runs the plain graph to its reference image."""
+    refs, servers = references
+    server = servers["plain"]
+    file = f"damaged_{name}.safetensors"
+    entry = server.run(graph(env, file, f"damaged_{name}"))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = messages(entry, "execution_error")
+    assert error["node_type"] == "ZTurboLoRA", error
+    message = error["exception_message"]
+    assert file in message and DAMAGED[name][1] in message and "Traceback" not in message, message
+    assert error["exception_type"] == "zimage_core.errors.ZImageError"
+    assert np.array_equal(run_image(server, env, "plain", f"after_{name}"), refs["plain"])
