@@ -195,3 +195,16 @@ def test_bad_lora_api_arguments_are_named(tiny_dir, lora_dir, call, match):
     with pytest.raises(ZImageError, match=match):
         call(z, files["native_dm"])
     assert z.loras == {}
+
+
+def test_numpy_strengths_are_numbers_too(tiny_dir, lora_dir):
+    """A strength from numpy (a slider's value in a script) is a number, as numpy seeds and sizes are."""
+    import numpy as np
+
+    _, files, _ = lora_dir
+    z = ZImage.load(tiny_dir, device="cpu", dtype="fp32")
+    z.load_lora(files["native_dm"], np.float32(0.5))
+    z.set_lora_strength("native_dm.safetensors", np.float64(0.25))
+    assert z.loras["native_dm.safetensors"][1] == 0.25
+    with pytest.raises(ZImageError, match="-100..100"):
+        z.set_lora_strength("native_dm.safetensors", np.float32(101))

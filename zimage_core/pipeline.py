@@ -25,7 +25,7 @@ from .int8 import int8_mm_available
 from .offload import Offloader, place
 from .dtypes import DtypePolicy, resolve_policy
 from .errors import ZImageError
-from .inputs import check_device, check_generate_args, out_of_memory_error, read_json
+from .inputs import check_device, check_generate_args, is_real, out_of_memory_error, read_json
 from .text_encoding import PromptEncoder
 from .weights import TransformerWeights, WeightOwner
 from .tokenizer import PromptTokenizer, find_tokenizer
@@ -37,11 +37,14 @@ DEFAULT_SHIFT = 3.0
 def _check_strength(strength) -> float:
     import math
 
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
-            or abs(strength) > 100:
-        raise ZImageError(f"LoRA strength {strength!r} is not allowed: use a number in -100..100 (1 is the LoRA as "
-                          "trained, 0 turns it off).")
+    from .lora import MAX_LORA_STRENGTH
+
+    if not is_real(strength) or not math.isfinite(strength) or abs(strength) > MAX_LORA_STRENGTH:
+        raise ZImageError(f"LoRA strength {strength!r} is not allowed: use a number in -{MAX_LORA_STRENGTH:g}.."
+                          f"{MAX_LORA_STRENGTH:g} (1 is the LoRA as trained, 0 turns it off).")
     return float(strength)
+
+
 def _describe(value) -> str:
     text = repr(value)
     return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
