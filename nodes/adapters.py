@@ -244,13 +244,15 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
         # quantized, as ComfyUI's mixed-precision linear: the QuantizedTensor kept as it is
         return cast_bias_weight(module, x, offloadable=True, compute_dtype=x.dtype, want_requant=True)
 
+    def rotation(params):  # int8_convrot: the Hadamard group the codes were rotated by
+        return params.convrot_groupsize if getattr(params, "convrot", False) else None
+
     def quantized(weight):
         layout = getattr(weight, "_layout_cls", None)
         if layout in FP8_LAYOUTS:
             return "raw", (torch.float8_e4m3fn, None)
         if layout == INT8_LAYOUT and not getattr(weight._params, "transposed", False):
-            params = weight._params
-            return "raw", (torch.int8, params.convrot_groupsize if getattr(params, "convrot", False) else None)
+            return "raw", (torch.int8, rotation(weight._params))
         if layout in GPU_NATIVE_LAYOUTS:
             name, capability = GPU_NATIVE_LAYOUTS[layout]
             device = weight.device
@@ -266,7 +268,7 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
         scale = params.scale.float()
         scale = scale.view(-1, 1) if scale.numel() > 1 else scale
         if layout == INT8_LAYOUT:
-            return weight._qdata, scale, params.convrot_groupsize if getattr(params, "convrot", False) else None
+            return weight._qdata, scale, rotation(params)
         return weight._qdata, scale
 
     def attention(transformer_options, heads):
@@ -276,9 +278,8 @@ def comfy_weights(fp8_matmul: bool) -> CastWeights:
             return out.view(out.shape[0], out.shape[1], heads, -1).transpose(1, 2)
         return run
 
-    return CastWeights(cast, lambda module, weight, bias, token: uncast_bias_weight(module, weight, bias, token),
-                       quantized=quantized, raw=raw, attention=attention, fp8_matmul=fp8_matmul,
-                       stored_dtype=stored_dtype)
+    return CastWeights(cast, uncast_bias_weight, quantized=quantized, raw=raw, attention=attention,
+                       fp8_matmul=fp8_matmul, stored_dtype=stored_dtype)
 
 
 def stored_dtype(weight) -> torch.dtype:

@@ -139,19 +139,39 @@ class ModuleWeights:
         return None, None
 
 
-class _FetchedLinear(Fetched):
-    """A linear layer's weight through a ``CastWeights`` provider (see there for ``mode``)."""
+class _FetchedNorm(Fetched):
+    """A norm's weight through a ``CastWeights`` provider, held from ``get`` to ``done``."""
 
-    __slots__ = ("provider", "module", "mode", "dtype", "scale", "rotation", "shape", "_held")
+    __slots__ = ("provider", "module", "dtype", "_held")
 
-    def __init__(self, provider, module, mode: str, dtype, scale, rotation=None):
-        self.provider, self.module, self.mode, self.dtype, self.scale = provider, module, mode, dtype, scale
-        self.rotation, self.shape = rotation, (module.out_features, module.in_features)
-        self._held = None
+    def __init__(self, provider, module, dtype):
+        self.provider, self.module, self.dtype, self._held = provider, module, dtype, None
+
+    def _cast(self, x, mode: str):
+        self._held = self.provider.cast(self.module, x, mode)
+        return self._held
 
     def get(self, x):
-        weight, bias, token = self.provider.cast(self.module, x, self.mode)
-        self._held = (weight, bias, token)
+        return self._cast(x, "float")[0]
+
+    def done(self):
+        held, self._held = self._held, None
+        if held is not None:
+            self.provider.uncast(self.module, *held)
+
+
+class _FetchedLinear(_FetchedNorm):
+    """A linear layer's weight through a ``CastWeights`` provider (see there for ``mode``)."""
+
+    __slots__ = ("mode", "scale", "rotation", "shape")
+
+    def __init__(self, provider, module, mode: str, dtype, scale, rotation=None):
+        super().__init__(provider, module, dtype)
+        self.mode, self.scale = mode, scale
+        self.rotation, self.shape = rotation, (module.out_features, module.in_features)
+
+    def get(self, x):
+        weight, bias, _ = self._cast(x, self.mode)
         if self.mode == "quantized":  # the raw data of a format our matmuls run, else dequantized per op
             raw = self.provider.raw(weight)
             if raw is not None:
@@ -160,28 +180,6 @@ class _FetchedLinear(Fetched):
         if self.scale is not None and self.mode == "float":  # legacy scaled fp8 under per-op LoRA: scale after
             weight = weight * self.scale.to(device=weight.device, dtype=weight.dtype)
         return Linear(weight, self.scale if self.mode == "fp8" else None, bias)
-
-    def done(self):
-        held, self._held = self._held, None
-        if held is not None:
-            self.provider.uncast(self.module, *held)
-
-
-class _FetchedNorm(Fetched):
-    __slots__ = ("provider", "module", "dtype", "_held")
-
-    def __init__(self, provider, module, dtype):
-        self.provider, self.module, self.dtype, self._held = provider, module, dtype, None
-
-    def get(self, x):
-        weight, bias, token = self.provider.cast(self.module, x, "float")
-        self._held = (weight, bias, token)
-        return weight
-
-    def done(self):
-        held, self._held = self._held, None
-        if held is not None:
-            self.provider.uncast(self.module, *held)
 
 
 class CastWeights(ModuleWeights):
@@ -214,11 +212,10 @@ class CastWeights(ModuleWeights):
         self._modes: dict[int, tuple] = {}  # id(module) -> (weight identity, mode, dtype, scale, reason)
 
     def attention(self, transformer_options, heads: int):
-        if transformer_options and transformer_options.get("optimized_attention_override") is not None:
-            if self._attention is None:
-                return None, "another node overrides attention"
+        function, reason = super().attention(transformer_options, heads)
+        if reason is not None and self._attention is not None:  # another node's attention, through ComfyUI
             return self._attention(transformer_options, heads), None
-        return None, None
+        return function, reason
 
     def _mode(self, module, x: torch.Tensor):
         """(mode, dtype get() returns, fp8 scale, int8 rotation, reason to run natively) of a linear layer, by its
@@ -388,7 +385,8 @@ class NativeAccelerator:
         mask, select = additive_mask(x_mask, x.dtype), self._mod_select(tzi, x.shape[1], x.device)
         backend = self._call_attention
         # compiled code can't call ComfyUI (fetched weights, its attention) and is made for the plain call
-        eager = callable(backend) or mask is not None or select is not None or _has_fetched(weights)
+        fetched = _has_fetched(weights)
+        eager = callable(backend) or mask is not None or select is not None or fetched
         if self.compile and eager:
             self._note("compiled blocks need resident plain weights and plain calls: blocks with streamed or "
                        "quantized weights, masks, omni calls or another node's attention run eagerly (same maths)")
@@ -397,7 +395,7 @@ class NativeAccelerator:
             for t in (x, cos, sin):
                 torch._dynamo.mark_dynamic(t, 1)
         self.fast_runs += 1
-        self.fetched_runs += _has_fetched(weights)
+        self.fetched_runs += fetched
         qkv = weights.qkv
         name = dtype_name(qkv.dtype if isinstance(qkv, Fetched) else qkv.weight.dtype)
         self.weight_dtypes[name] = self.weight_dtypes.get(name, 0) + 1
