@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -91,10 +92,46 @@ def conditioning(cap_dim: int, tokens: int, seed: int):
     return [[torch.randn(1, tokens, cap_dim, generator=g), {}]]
 
 
+def load_model(args, ckpt: Path, options: dict):
+    """A checkpoint as UNETLoader loads it (``options``: its weight_dtype), then ModelSamplingAuraFlow(3); the tiny
+    model through the tests' config mapping in smoke mode."""
+    import comfy.sd
+    import torch
+    from bench_native import node_output
+    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    if args.smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from comfy_zimage import tiny_native_model
+        import comfy.utils
+
+        sd, metadata = comfy.utils.load_torch_file(str(ckpt), return_metadata=True)
+        dtype = options.get("dtype", torch.float32)
+        model = tiny_native_model(sd, dtype=dtype, metadata=metadata)
+        if dtype != torch.float32:
+            model.model.manual_cast_dtype = torch.float32
+        if options.get("fp8_optimizations"):
+            model.model.model_config.optimizations["fp8"] = True
+    else:
+        model = comfy.sd.load_diffusion_model(str(ckpt), model_options=options)
+    return node_output(ModelSamplingAuraFlow().patch_aura(model, 3.0))
+
+
 def child(args) -> dict:
     import torch
 
     kind, budget = parse_setup(args.child)
+    logs = []  # our log lines (the warm-up's time, the node's summary)
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logs.append(f"{time.perf_counter() - t0:.3f} {record.getMessage()[:300]}")
+
+    t0 = time.perf_counter()
+    logging.getLogger("zimage_core").addHandler(Keep())
+    logging.getLogger("zimage_core").setLevel(logging.INFO)
+    if kind == "warmup":
+        return {"setup": "warmup", "skipped": "no GPU"} if args.smoke else warm_up_costs(args)
     cpu = args.smoke or not torch.cuda.is_available()
     total = torch.cuda.get_device_properties(0).total_memory / GIB if not cpu else None
     reserve = (total - budget) if (budget is not None and total is not None) else None
@@ -108,32 +145,19 @@ def child(args) -> dict:
         torch.cuda.set_per_process_memory_fraction(budget / total)
     import comfy.model_management as mm
     import comfy.sample
-    import comfy.sd
     import comfyui_version
-    from bench_native import load_pack, node_output
-    from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+    from bench_native import load_pack
 
     accel_mod = load_pack()
     work = Path(args.work)
-    ckpt = work / {"cq_fp8": "cq_fp8.safetensors", "int8cr": "int8cr.safetensors"}.get(kind, "bf16.safetensors")
+    ckpt = work / {"cq_fp8": "cq_fp8.safetensors", "int8cr": "int8cr.safetensors",
+                   "lowp_uniform": "bf16_uniform.safetensors"}.get(kind, "bf16.safetensors")
     options = {}
     if kind == "fp8":
         options["dtype"] = torch.float8_e4m3fn
     if kind == "fp8fast":
         options["dtype"], options["fp8_optimizations"] = torch.float8_e4m3fn, True
-    if args.smoke:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from comfy_zimage import tiny_native_model
-        import comfy.utils
-
-        sd, metadata = comfy.utils.load_torch_file(str(ckpt), return_metadata=True)
-        dtype = options.get("dtype", torch.float32)
-        model = tiny_native_model(sd, dtype=dtype, metadata=metadata)
-        if dtype != torch.float32:
-            model.model.manual_cast_dtype = torch.float32
-    else:
-        model = comfy.sd.load_diffusion_model(str(ckpt), model_options=options)
-    model = node_output(ModelSamplingAuraFlow().patch_aura(model, 3.0))
+    model = load_model(args, ckpt, options)
     cap_dim = model.model.diffusion_model.cap_embedder[0].weight.shape[0]
     positive = conditioning(cap_dim, CAP_TOKENS, 1)
     negative = conditioning(cap_dim, NEG_TOKENS, 2)
@@ -143,14 +167,20 @@ def child(args) -> dict:
     out = {"setup": args.child, "comfyui": comfyui_version.__version__, "budget_gib": budget,
            "reserve_vram_gib": reserve, "device_total_gib": total, "steps": steps, "cfg": cfg, "size": args.size}
 
-    def sample(patcher):
+    def sample(patcher, step_times=None):
         latent = torch.zeros(1, 16, size, size)
         noise = comfy.sample.prepare_noise(latent, 42)
         if not cpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
+
+        def callback(step, x0, x, total):  # the end of each step (step_times: seconds since the start)
+            if not cpu:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - start)
+
         x = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=42,
-                                disable_pbar=True)
+                                disable_pbar=True, callback=callback if step_times is not None else None)
         if not cpu:
             torch.cuda.synchronize()
         return time.perf_counter() - start, x.float()
@@ -166,9 +196,13 @@ def child(args) -> dict:
         attention = "flash" if args.first == "ours_flash" else "auto"
         patcher = model if args.first == "native" else accel_mod.accelerate(model, attention=attention)[0]
         node_s = time.perf_counter() - start
-        seconds, _ = sample(patcher)
-        return out | {"first": args.first, "first_image_s": seconds + node_s, "node_s": node_s}
+        steps_s = []
+        seconds, _ = sample(patcher, steps_s)
+        return out | {"first": args.first, "first_image_s": seconds + node_s, "node_s": node_s, "steps_s": steps_s,
+                      "log": logs}
 
+    if kind in ("lowp", "lowp_uniform"):
+        return out | low_precision(args, kind, model, accel_mod, sample, mm)
     fast, accel = accel_mod.accelerate(model)
     variants = [("native", model), ("ours", fast)]
     if kind == "bf16":  # the attention kernel: PyTorch's choice (cuDNN on Hopper) against flash (native's first)
@@ -192,6 +226,9 @@ def child(args) -> dict:
             times[name].append(seconds)
             repeat[name] = float((latents[name] - previous).norm() / previous.norm())
     out["rel_l2_run_to_run"] = repeat
+    if kind == "bf16" and budget is None and not args.smoke and args.comfy_version == "0.33.0":  # accuracy's why
+        out["accuracy"] = accuracy(args, model, accel_mod, sample, latents, mm)
+    out["log"] = logs[-6:]
     report = accel.report()
     med = {k: statistics.median(v) for k, v in times.items()}
     rel = float((latents["ours"] - latents["native"]).norm() / latents["native"].norm())
@@ -206,6 +243,140 @@ def child(args) -> dict:
     print(f"{args.child}: native {med['native']:.3f} s, ours {med['ours']:.3f} s ({out['speedup']:.3f}x), "
           f"rel-L2 {rel:.2e}, native blocks {report['native_blocks']}", flush=True)
     return out
+
+
+def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
+    """Issue 23 end to end, one process, one weight distribution (``lowp``: normal 1/sqrt(fan_in), ``lowp_uniform``:
+    uniform of the same variance): native 0.33.0's quantized paths (UNETLoader fp8_e4m3fn_fast, + TorchCompileModel,
+    the int8_convrot file, each + comfy-kitchen int8 attention through ModelAttentionBackend) against ours
+    (Accelerate on the same MODELs: fp8 and int8 W8A8 matmuls with fused quantization), medians of interleaved
+    rounds, each latent's rel-L2 to native bf16 on the same weights."""
+    import torch
+    from bench_native import node_output
+    from comfy_extras.nodes_model_advanced import ModelAttentionBackend
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    suffix = "_uniform" if kind == "lowp_uniform" else ""
+    work = Path(args.work)
+
+    def load(name, **options):
+        return load_model(args, work / name, options)
+
+    fp8 = load(f"bf16{suffix}.safetensors", dtype=torch.float8_e4m3fn, fp8_optimizations=True)
+    int8 = load(f"int8cr{suffix}.safetensors")
+    ck = lambda m: node_output(ModelAttentionBackend().patch(m, "comfy kitchen attention"))  # noqa: E731
+    variants = {"native_bf16": bf16, "native_fp8fast": fp8, "native_int8cr": int8, "native_int8cr_ck_attention":
+                ck(int8), "native_fp8fast_ck_attention": ck(fp8),
+                "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor")),
+                "ours_fp8": accel_mod.accelerate(fp8)[0], "ours_int8cr": accel_mod.accelerate(int8)[0],
+                "ours_int8cr_ck_attention": accel_mod.accelerate(ck(int8))[0]}
+    first, latents, times = {}, {}, {name: [] for name in variants}
+    for name, patcher in variants.items():
+        mm.unload_all_models()
+        first[name], latents[name] = sample(patcher)
+        print(f"{kind} {name}: first call {first[name]:.2f} s", flush=True)
+    for _ in range(args.rounds):
+        for name, patcher in variants.items():
+            seconds, _ = sample(patcher)
+            times[name].append(seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = latents["native_bf16"]
+    rel = {k: float((v - ref).norm() / ref.norm()) for k, v in latents.items()}
+    native_q = {k: v for k, v in med.items() if k.startswith("native_") and k != "native_bf16"}
+    ours_q = {k: v for k, v in med.items() if k.startswith("ours_")}
+    best_native, best_ours = min(native_q, key=native_q.get), min(ours_q, key=ours_q.get)
+    metrics = {f"ours_steps8_fp8_s{suffix}": med["ours_fp8"], f"ours_steps8_int8_s{suffix}": med["ours_int8cr"],
+               f"fp8_speedup_vs_native033_best{suffix}": native_q[best_native] / ours_q[best_ours],
+               f"ours_fp8_rel_l2_vs_bf16{suffix}": rel["ours_fp8"],
+               f"ours_int8_rel_l2_vs_bf16{suffix}": rel["ours_int8cr"],
+               f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
+               f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
+    print(f"{kind}: medians {json.dumps(med)}; rel-L2 vs bf16 {json.dumps(rel)}", flush=True)
+    return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel,
+            "best_native": best_native, "best_ours": best_ours, "lowp_metrics": metrics}
+
+
+def accuracy(args, model, accel_mod, sample, latents, mm) -> dict:
+    """After the timed rounds (bf16, resident): each path's latents against an fp32 run of native on the same
+    weights (the truth both round away from), and ours on a ``disable_dynamic`` clone (weights read from the modules,
+    not fetched per op) against ours fetched: is a distance to native bf16's own rounding or ours?"""
+    import torch
+
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    found = {}
+    resident = model.clone(disable_dynamic=True)
+    mm.unload_all_models()
+    _, found["native_resident"] = sample(resident)
+    _, found["ours_resident"] = sample(accel_mod.accelerate(resident)[0])
+    del resident
+    mm.unload_all_models()
+    fp32 = load_model(args, Path(args.work) / "bf16.safetensors", {"dtype": torch.float32})
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, truth = sample(fp32)
+    del fp32
+    mm.unload_all_models()
+    out = {f"{name}_vs_fp32": rel(x, truth) for name, x in {**latents, **found}.items()}
+    out["ours_resident_vs_ours"] = rel(found["ours_resident"], latents["ours"])
+    out["native_resident_vs_native"] = rel(found["native_resident"], latents["native"])
+    out["ours_resident_vs_native"] = rel(found["ours_resident"], latents["native"])
+    print("accuracy:", json.dumps(out), flush=True)
+    return out
+
+
+def warm_up_costs(args) -> dict:
+    """A new process's start-up costs of our path, piece by piece (no ComfyUI, no weights): importing the core and
+    Triton, the node's kernel warm-up as it runs (in a thread, joined), each kernel's first call again in a second
+    process-like pass (cached), and attention's first call at the real 1024² sequence (4224 tokens) per backend."""
+    import torch
+    import torch.nn.functional as F
+
+    out, t = {}, time.perf_counter()
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    out["cuda_init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    from zimage_core import fast_denoiser, kernels
+
+    out["import_core_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    thread = fast_denoiser.start_kernel_warm_up("cuda", torch.bfloat16, 3840, 10240, 30, False)
+    thread.join()
+    out["kernel_warm_up_s"] = time.perf_counter() - t
+    seq = 4096 + CAP_TOKENS
+    q = torch.randn(1, 30, seq, 128, device="cuda", dtype=torch.bfloat16)
+    qt = torch.randn(1, seq, 30, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # our layout: a view
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for name, backends in (("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
+                           ("flash", [SDPBackend.FLASH_ATTENTION])):
+        for layout, t_in in (("contiguous", q), ("transposed", qt)):
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                if backends is None:
+                    F.scaled_dot_product_attention(t_in, t_in, t_in)
+                else:
+                    with sdpa_kernel(backends):
+                        F.scaled_dot_product_attention(t_in, t_in, t_in)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            out[f"sdpa_{name}_{layout}_calls_s"] = times
+    # a new sequence length (another prompt length): cuDNN builds a plan per shape
+    for name, backends in (("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
+        q2 = torch.randn(1, 30, seq + 32, 128, device="cuda", dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        if backends is None:
+            F.scaled_dot_product_attention(q2, q2, q2)
+        else:
+            with sdpa_kernel(backends):
+                F.scaled_dot_product_attention(q2, q2, q2)
+        torch.cuda.synchronize()
+        out[f"sdpa_{name}_new_length_s"] = time.perf_counter() - t
+    out["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
+    print("warm-up costs:", json.dumps(out), flush=True)
+    return {"setup": "warmup", **out, "kernels_available": kernels.available()}
 
 
 # =========================================================================================== the driver
@@ -240,7 +411,7 @@ def prepare(args) -> dict:
     save_file({k: v.contiguous().cpu() for k, v in fp8.items()}, str(work / "cq_fp8.safetensors"))
     del fp8
     made = {"bf16": str(bf16), "cq_fp8": str(work / "cq_fp8.safetensors")}
-    if args.comfy033:
+    def int8_file(state, name):
         from comfy_kitchen.tensor import TensorWiseINT8Layout
 
         int8 = dict(state)
@@ -252,8 +423,21 @@ def prepare(args) -> dict:
             int8[k[:-len("weight")] + "weight_scale"] = params.scale.float()
             int8[k[:-len("weight")] + "comfy_quant"] = tag({"format": "int8_tensorwise",
                                                             "params": {"convrot": True, "convrot_groupsize": group}})
-        save_file({k: v.contiguous().cpu() for k, v in int8.items()}, str(work / "int8cr.safetensors"))
-        made["int8cr"] = str(work / "int8cr.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in int8.items()}, str(work / name))
+        made[name] = str(work / name)
+
+    if args.comfy033:
+        int8_file(state, "int8cr.safetensors")
+    if "lowp_uniform" in args.setups:  # the same model with uniform weights of the same variance (issue 23)
+        gen = torch.Generator(device=device).manual_seed(1)
+        for k, v in state.items():
+            if v.ndim == 2:
+                bound = (3.0 / v.shape[1]) ** 0.5
+                state[k] = ((torch.rand(v.shape, generator=gen, device=device) * 2 - 1) * bound).to(v.dtype)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(work / "bf16_uniform.safetensors"))
+        made["bf16_uniform"] = str(work / "bf16_uniform.safetensors")
+        if args.comfy033:
+            int8_file(state, "int8cr_uniform.safetensors")
     made["prepare_s"] = time.perf_counter() - start
     return made
 
@@ -352,12 +536,18 @@ def driver(args) -> None:
                                                                     / pair["native"]["first_image_s"])
             save()
             continue
+        if setup == "warmup":
+            key = "warmup" if "warmup" not in results["setups"] else "warmup_again"  # cold, then cached kernels
+            results["setups"][key] = run_child(args, "warmup", str(args.comfy033), "0.33.0", deadline)
+            save()
+            continue
         version, comfy = ("0.3.75", args.comfy075) if setup == "v075" else ("0.33.0", args.comfy033)
         if comfy is None:
             continue
         r = run_child(args, "bf16" if setup == "v075" else setup, str(comfy), version, deadline)
         results["setups"][setup] = r
-        if "speedup" in r:
+        metrics.update(r.get("lowp_metrics", {}))
+        if "speedup" in r and not setup.startswith("lowp"):
             name = setup.replace("@", "_") + ("gb" if "@" in setup else "")
             if setup == "v075":
                 metrics["accelerate_speedup_vs_native"] = r["speedup"]
@@ -366,6 +556,9 @@ def driver(args) -> None:
                 metrics[f"accelerate_fallback_blocks_{name}"] = r["report"]["native_blocks"]
                 metrics[f"accelerate_rel_l2_vs_native033_{name}"] = r["rel_l2"]
                 metrics[f"accelerate_weight_gib_over_native033_{name}"] = r["weight_gib_ratio"]
+                if "accuracy" in r:
+                    metrics["native033_rel_l2_vs_fp32_bf16"] = r["accuracy"]["native_vs_fp32"]
+                    metrics["accelerate_rel_l2_vs_fp32_bf16"] = r["accuracy"]["ours_vs_fp32"]
         save()
     print(json.dumps(metrics, indent=1), flush=True)
 

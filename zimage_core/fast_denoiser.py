@@ -142,6 +142,10 @@ def _kernel_warm_up(device, dtype, dim, hidden, heads, fp8, inference) -> None:
                 _kernels.residual(x, x, w, 1e-5, mod, w, 1e-5, mod, quantize_next=quantize)
                 _kernels.silu_mul(full(1, tokens, hidden), full(1, tokens, hidden), quantize=quantize)
             _kernels.residual(x, x, w, 1e-5, mod)
+            # the caption refiner's unmodulated blocks: each kernel specialization is compiled on its first call
+            _kernels.rms_norm(x, w, 1e-5)
+            _kernels.residual(x, x, w, 1e-5, None, w, 1e-5, None)
+            _kernels.residual(x, x, w, 1e-5)
             cos = torch.ones(1, tokens, 1, head // 2, device=device)
             _kernels.qk_norm_rope(full(1, tokens, 3, heads, head), full(head), full(head), 1e-5, cos, cos * 0)
             q = full(1, heads, tokens, head)
