@@ -374,6 +374,27 @@ def warm_up_costs(args) -> dict:
                 F.scaled_dot_product_attention(q2, q2, q2)
         torch.cuda.synchronize()
         out[f"sdpa_{name}_new_length_s"] = time.perf_counter() - t
+    # is a cuDNN plan built in another thread (a warm-up's) found by the main thread? (PyTorch may keep its cuDNN
+    # attention graphs per thread)
+    import threading
+
+    q3 = torch.randn(1, 30, seq + 64, 128, device="cuda", dtype=torch.bfloat16)
+
+    def other_thread():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            F.scaled_dot_product_attention(q3, q3, q3)
+        torch.cuda.synchronize()
+
+    t = time.perf_counter()
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    worker.join()
+    out["sdpa_cudnn_other_thread_first_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        F.scaled_dot_product_attention(q3, q3, q3)
+    torch.cuda.synchronize()
+    out["sdpa_cudnn_main_thread_after_other_s"] = time.perf_counter() - t
     out["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
     print("warm-up costs:", json.dumps(out), flush=True)
     return {"setup": "warmup", **out, "kernels_available": kernels.available()}
