@@ -226,7 +226,7 @@ def child(args) -> dict:
             times[name].append(seconds)
             repeat[name] = float((latents[name] - previous).norm() / previous.norm())
     out["rel_l2_run_to_run"] = repeat
-    if kind == "bf16" and budget is None and not args.smoke and args.comfy_version == "0.33.0":  # accuracy's why
+    if args.accuracy and kind == "bf16" and budget is None and not args.smoke and args.comfy_version == "0.33.0":
         out["accuracy"] = accuracy(args, model, accel_mod, sample, latents, mm)
     out["log"] = logs[-6:]
     report = accel.report()
@@ -299,7 +299,9 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
 def accuracy(args, model, accel_mod, sample, latents, mm) -> dict:
     """After the timed rounds (bf16, resident): each path's latents against an fp32 run of native on the same
     weights (the truth both round away from), and ours on a ``disable_dynamic`` clone (weights read from the modules,
-    not fetched per op) against ours fetched: is a distance to native bf16's own rounding or ours?"""
+    not fetched per op) against ours fetched: is a distance to native bf16's own rounding or ours? ``--accuracy``
+    only: its one GPU run (H100, 2026-12-07) ran the bf16 child past its time budget (206 s) without finishing, cause
+    not established; the CPU answer is ``tests/test_native.py::test_bf16_ours_as_near_fp32_as_native``."""
     import torch
 
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
@@ -330,6 +332,7 @@ def warm_up_costs(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    sys.path.insert(0, str(ROOT))  # the core, as the pack's loader puts it (no ComfyUI here)
     out, t = {}, time.perf_counter()
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
@@ -513,6 +516,7 @@ def run_child(args, setup: str, comfy: str, version: str, deadline: float, first
     cmd = [sys.executable, __file__, "--child", setup, "--comfy", comfy, "--comfy-version", version, "--work",
            args.work, "--result", str(out), "--steps", str(args.steps), "--base-steps", str(args.base_steps),
            "--size", str(args.size), "--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else []) + (
+        ["--accuracy"] if args.accuracy else []) + (
         ["--first", first] if first else [])
     print(f"--- {setup} {first or ''} ({version})", flush=True)
     try:
@@ -599,6 +603,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting setups after this many seconds")
     p.add_argument("--skip-prepare", action="store_true")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--accuracy", action="store_true", help="bf16 setup: also the fp32 truth and the resident path")
     # the child's arguments
     p.add_argument("--child")
     p.add_argument("--comfy")

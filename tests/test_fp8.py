@@ -47,3 +47,40 @@ def test_fp8_sticky_copy_keeps_its_row_scale():
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     want = F.linear(x, m.dequantized_weight(), m.bias)
     assert torch.allclose(_linear(x, linear_of(copy), False), want, atol=1e-5)
+
+
+def test_fp8_matmul_takes_per_tensor_and_per_row_weight_scales():
+    """The fp8 matmul (torch._scaled_mm, row-wise) with a per-tensor weight scale, as comfy_quant tensorwise files
+    and fp8_e4m3fn_fast (no scale) give it, and with per-row scales: each equals the dequantized product within fp8
+    activation rounding. A per-tensor scale broadcast with stride 0 was refused by _scaled_mm on the GPU."""
+    from zimage_core.fp8 import fp8_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 64, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(48, 64, generator=g) * 0.1).to(torch.float8_e4m3fn)
+    for scale in (None, torch.tensor(0.5), torch.tensor([0.5]), torch.rand(48, 1, generator=g) + 0.5):
+        full = torch.ones(()) if scale is None else scale
+        reference = x.float() @ (weight.float() * full.reshape(-1, 1).float()).t()
+        out = fp8_linear(x, weight, scale, None, matmul=True)
+        assert out.shape == (2, 8, 48) and out.dtype == torch.bfloat16
+        err = ((out.float() - reference).norm() / reference.norm()).item()
+        assert err < 0.06, (scale, err)  # e4m3 activations: a few percent
+
+
+def test_dynamic_vram_fp8_parameter_runs_the_fp8_matmul():
+    """Under ComfyUI's dynamic VRAM the module's Parameter holds the file's bf16 tensor and is marked with the
+    model's dtype (``_model_dtype``); the provider must read that mark on the Parameter (its ``.data`` is a new
+    tensor without it) and fetch the weight in fp8 for our fp8 matmul."""
+    from torch import nn
+
+    from zimage_core.native import CastWeights
+
+    linear = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    linear.weight._model_dtype = torch.float8_e4m3fn
+    provider = CastWeights(lambda *a: None, lambda *a: None, fp8_matmul=True,
+                           stored_dtype=lambda w: getattr(w, "_model_dtype", None) or w.dtype)
+    mode, dtype, *_ = provider._mode(linear, torch.zeros(1, 64, dtype=torch.bfloat16))
+    assert (mode, dtype) == ("fp8", torch.float8_e4m3fn)
+    provider.fp8_matmul = False
+    provider._modes.clear()
+    assert provider._mode(linear, torch.zeros(1, 64, dtype=torch.bfloat16))[:2] == ("float", torch.bfloat16)

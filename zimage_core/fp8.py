@@ -67,7 +67,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
             shape, dtype = x.shape, x.dtype
             x2 = x.reshape(-1, shape[-1])
             x8, x_scale = _kernels.quantize_rows(x2) if _kernels.active(x2) else quantize_activation_rowwise(x2)
-        w_scale = scale.float().expand(weight.shape[0], 1) if scale.numel() == 1 else scale.float()
+        # row-wise scaling wants both scales contiguous: a per-tensor scale (comfy_quant tensorwise, fp8_e4m3fn_fast
+        # without one) is written out per row, not broadcast (stride 0 is refused: measured on an H100)
+        w_scale = (scale.float().reshape(1, 1).expand(weight.shape[0], 1) if scale.numel() == 1
+                   else scale.float().reshape(-1, 1)).contiguous()
         out = torch._scaled_mm(x8, weight.t(), scale_a=x_scale, scale_b=w_scale.t(),
                                bias=bias.to(torch.bfloat16) if bias is not None else None, out_dtype=torch.bfloat16)
         return out.reshape(*shape[:-1], weight.shape[0]).to(dtype)

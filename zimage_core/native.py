@@ -236,7 +236,9 @@ class CastWeights(ModuleWeights):
                 result = ("quantized", x.dtype, None, None, None)
             else:  # the raw e4m3 or int8 data for our matmuls
                 result = ("quantized", detail[0], None, detail[1], None)
-        elif self.stored_dtype(data) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
+        # the owner's dtype of the parameter itself: ComfyUI's dynamic VRAM marks the Parameter (``_model_dtype``),
+        # and ``.data`` is a new tensor without the mark (fp8_e4m3fn_fast then ran cast to bf16, on an H100)
+        elif self.stored_dtype(weight) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
             result = ("fp8", torch.float8_e4m3fn, scale, None, None)
         else:  # float, e5m2, or fp8 under a per-op LoRA: cast to the compute dtype per op
             result = ("float", x.dtype, scale, None, None)
