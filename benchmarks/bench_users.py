@@ -26,6 +26,7 @@ weights as ComfyUI holds them with our node over without: ``loaded_size``), ``ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -326,9 +327,10 @@ def accuracy(args, model, accel_mod, sample, latents, mm) -> dict:
 
 
 def warm_up_costs(args) -> dict:
-    """A new process's start-up costs of our path, piece by piece (no ComfyUI, no weights): importing the core and
-    Triton, the node's kernel warm-up as it runs (in a thread, joined), each kernel's first call again in a second
-    process-like pass (cached), and attention's first call at the real 1024² sequence (4224 tokens) per backend."""
+    """A new process's start-up costs of our path, piece by piece (no ComfyUI, no weights): CUDA's start, importing
+    the core (and Triton), the node's kernel warm-up as it runs (in a thread, joined; cold or cached by Triton as the
+    machine has it), attention's first three calls at the real 1024² sequence (4224 tokens) per SDPA backend and
+    q/k/v layout, a first call at a new length, and whether a cuDNN plan built in another thread serves this one."""
     import torch
     import torch.nn.functional as F
 
@@ -350,33 +352,22 @@ def warm_up_costs(args) -> dict:
     qt = torch.randn(1, seq, 30, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # our layout: a view
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for name, backends in (("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION]),
-                           ("flash", [SDPBackend.FLASH_ATTENTION])):
-        for layout, t_in in (("contiguous", q), ("transposed", qt)):
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                if backends is None:
-                    F.scaled_dot_product_attention(t_in, t_in, t_in)
-                else:
-                    with sdpa_kernel(backends):
-                        F.scaled_dot_product_attention(t_in, t_in, t_in)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            out[f"sdpa_{name}_{layout}_calls_s"] = times
-    # a new sequence length (another prompt length): cuDNN builds a plan per shape
-    for name, backends in (("default", None), ("cudnn", [SDPBackend.CUDNN_ATTENTION])):
-        q2 = torch.randn(1, 30, seq + 32, 128, device="cuda", dtype=torch.bfloat16)
+    def sdpa_s(t_in, backends) -> float:  # one synchronised call, on SDPA's own pick or the given backends
         torch.cuda.synchronize()
         t = time.perf_counter()
-        if backends is None:
-            F.scaled_dot_product_attention(q2, q2, q2)
-        else:
-            with sdpa_kernel(backends):
-                F.scaled_dot_product_attention(q2, q2, q2)
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            F.scaled_dot_product_attention(t_in, t_in, t_in)
         torch.cuda.synchronize()
-        out[f"sdpa_{name}_new_length_s"] = time.perf_counter() - t
+        return time.perf_counter() - t
+
+    cudnn, flash = [SDPBackend.CUDNN_ATTENTION], [SDPBackend.FLASH_ATTENTION]
+    for name, backends in (("default", None), ("cudnn", cudnn), ("flash", flash)):
+        for layout, t_in in (("contiguous", q), ("transposed", qt)):
+            out[f"sdpa_{name}_{layout}_calls_s"] = [sdpa_s(t_in, backends) for _ in range(3)]
+    # a new sequence length each (another prompt length): cuDNN builds a plan per shape
+    for extra, (name, backends) in zip((32, 96), (("default", None), ("cudnn", cudnn))):
+        out[f"sdpa_{name}_new_length_s"] = sdpa_s(
+            torch.randn(1, 30, seq + extra, 128, device="cuda", dtype=torch.bfloat16), backends)
     # is a cuDNN plan built in another thread (a warm-up's) found by the main thread? (PyTorch may keep its cuDNN
     # attention graphs per thread)
     import threading
@@ -384,20 +375,12 @@ def warm_up_costs(args) -> dict:
     q3 = torch.randn(1, 30, seq + 64, 128, device="cuda", dtype=torch.bfloat16)
 
     def other_thread():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q3, q3, q3)
-        torch.cuda.synchronize()
+        out["sdpa_cudnn_other_thread_first_s"] = sdpa_s(q3, cudnn)
 
-    t = time.perf_counter()
     worker = threading.Thread(target=other_thread)
     worker.start()
     worker.join()
-    out["sdpa_cudnn_other_thread_first_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        F.scaled_dot_product_attention(q3, q3, q3)
-    torch.cuda.synchronize()
-    out["sdpa_cudnn_main_thread_after_other_s"] = time.perf_counter() - t
+    out["sdpa_cudnn_main_thread_after_other_s"] = sdpa_s(q3, cudnn)
     out["triton_cache"] = os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache")
     print("warm-up costs:", json.dumps(out), flush=True)
     return {"setup": "warmup", **out, "kernels_available": kernels.available()}
