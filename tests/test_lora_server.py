@@ -134,7 +134,6 @@ def test_graphs_queued_alternately_each_get_their_reference(env, references):
         assert np.array_equal(image_of(server, server.wait(prompt_id)), refs[kind]), (kind, prompt_id)
 
 
-
 @pytest.mark.parametrize("name", sorted(DAMAGED))
 def test_damaged_lora_files_are_refused_by_the_lora_node(env, references, name):
     """Factor shapes that don't fit together: the LoRA node itself names the file and the key, before any merge;
