@@ -97,7 +97,10 @@ class ZTurboAccelerate(io.ComfyNode):
                                          "H200 the fused eager kernels are as fast (0.765 s both, 8 steps at 1024²) "
                                          "without the compile's first-call cost."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
-                               tooltip="The attention kernel: auto lets PyTorch choose."),
+                               tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), but a new image "
+                                       "size's first calls skip cuDNN until its one-off plan (~0.25 s) pays off, so "
+                                       "the first images are not slower; their bits then differ from later ones by "
+                                       "rounding. sdpa: PyTorch's pick from the first call (bit-identical reruns)."),
                 io.Boolean.Input("cuda_graphs", default=False,
                                  tooltip="Not applied on ComfyUI's model (a graph would keep stale LoRA weights); "
                                          "accepted for saved workflows."),

@@ -1,16 +1,30 @@
 """One attention dispatch for every transformer path (the reference denoiser, the fast one, ComfyUI's model).
 
-A backend name picks a kernel: ``auto``/``sdpa`` let PyTorch's ``scaled_dot_product_attention`` choose, the
-others pin one SDPA backend (``cudnn``, ``flash``, ``efficient``, ``math``). A kernel of our own (an fp8
+A backend name picks a kernel: ``sdpa`` lets PyTorch's ``scaled_dot_product_attention`` choose, ``auto`` does too
+except for a new shape's first calls (below), the others pin one SDPA backend (``cudnn``, ``flash``,
+``efficient``, ``math``). A kernel of our own (an fp8
 attention, say) registers under a new name with ``register`` and is then called by the same block maths.
 
 SDPA backends are chosen by a context around the whole transformer call (``backend_context``), not inside the
 block function, so a compiled block stays one graph whatever the backend.
+
+``auto``'s first calls: on Hopper and newer PyTorch picks cuDNN's attention, the fastest here (H100, 4224 tokens:
+495 us a call against flash's 866, ``benchmarks/results/lowp_h100.json``), but cuDNN builds an execution plan on
+the first call of each shape, ~250 ms of CPU (H200, ``raw/first_image_diag_h200.json``), and keeps it per thread
+(PyTorch's ``MHA.cpp``: a ``thread_local`` cache, so a warm-up thread cannot build it for the sampler). Three
+shapes a 1024² image (caption, image and joint lengths) cost the first image ~0.75 s, more than flash's slower
+calls cost over several images. So in eager mode ``auto`` rents before it buys: a shape's calls run without cuDNN
+(flash, or what PyTorch picks next) until the time they lost against cuDNN, estimated from their FLOPs at the
+H100's measured rates, reaches one plan's cost; from then on PyTorch's pick (cuDNN, plan built once) runs. The
+first images cost at most about twice the best choice made in hindsight, and the first image pays no plan. The
+price: a shape's first images and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned
+backend gives bit-identical reruns from the first image on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 
 import torch
@@ -18,6 +32,13 @@ import torch.nn.functional as F
 
 from .errors import ZImageError
 from .options import ATTENTION_BACKENDS
+
+# ``auto``'s rent-or-buy: a cuDNN plan's cost (s) over what a call loses per FLOP without cuDNN (flash at 316
+# TFLOP/s against cuDNN's 554, H100, 1 x 30 x 4224 x 128): ~680 calls at the joint length, ~2.8 images of 8 steps.
+PLAN_COST_S = 0.25
+LOST_S_PER_FLOP = 1 / 316e12 - 1 / 554e12
+_RENTED = threading.local()  # per thread, as cuDNN's plans: shape key -> FLOPs run without cuDNN
+_SWITCH = threading.Lock()  # SDPA's cuDNN flag is process-wide: two threads must not interleave off and back on
 
 # name -> fn(q, k, v, mask) with q/k/v [B, heads, S, head_dim] and mask None or bool [B, 1, 1, S]
 _KERNELS: dict[str, Callable] = {}
@@ -65,4 +86,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kernel = _KERNELS.get(backend)
     if kernel is not None:
         return kernel(q, k, v, mask)
+    if backend == "auto" and q.is_cuda and rent_plan(q, k, v, mask):
+        return sdpa_without_cudnn(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether this call of ``auto`` should still run without cuDNN (see the module's docstring): True until this
+    thread's calls of the same shapes, strides and dtype have lost one plan's cost; never while compiling (a
+    compiled block stays one graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    seen = getattr(_RENTED, "flops", None)
+    if seen is None:
+        seen = _RENTED.flops = {}
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
+           None if mask is None else (mask.shape, mask.dtype))
+    done = seen.get(key, 0.0)
+    if done * LOST_S_PER_FLOP >= PLAN_COST_S:
+        return False
+    seen[key] = done + 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+    return True
+
+
+def sdpa_without_cudnn(q, k, v, mask):
+    """SDPA with cuDNN's backend off for this call (PyTorch's next pick: flash, else memory-efficient or math)."""
+    cuda = torch.backends.cuda
+    with _SWITCH:
+        was = cuda.cudnn_sdp_enabled()
+        cuda.enable_cudnn_sdp(False)
+        try:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        finally:
+            cuda.enable_cudnn_sdp(was)

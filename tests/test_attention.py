@@ -1,0 +1,104 @@
+"""``auto`` attention's rent-or-buy of cuDNN's per-shape plan (zimage_core/attention.py), on the CPU: the decision
+is shapes and counts only (meta tensors), the switch is SDPA's process-wide cuDNN flag."""
+
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zimage_core import attention as attn
+
+JOINT = (1, 30, 4096 + 128, 128)  # a 1024² image and a 128-token prompt: the 30 main blocks' attention
+
+
+def meta(shape, dtype=torch.bfloat16):
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts():
+    attn._RENTED.__dict__.clear()
+    yield
+    attn._RENTED.__dict__.clear()
+
+
+def rented_calls(q, k=None, v=None, mask=None, limit=100_000) -> int:
+    k, v = q if k is None else k, q if v is None else v
+    for n in range(limit):
+        if not attn.rent_plan(q, k, v, mask):
+            return n
+    raise AssertionError(f"still renting after {limit} calls")
+
+
+def test_a_shape_rents_until_its_lost_time_reaches_one_plan():
+    q = meta(JOINT)
+    flops = 4.0 * math.prod(JOINT) * JOINT[2]
+    expected = math.ceil(attn.PLAN_COST_S / (flops * attn.LOST_S_PER_FLOP))
+    assert rented_calls(q) == expected
+    # about three 8-step images of 30 blocks at the joint length (the docstring's design)
+    assert 2 * 240 < expected < 4 * 240
+    assert not attn.rent_plan(q, q, q, None)  # bought: stays bought
+
+
+def test_small_shapes_rent_far_longer_and_each_shape_counts_alone():
+    big, small = meta(JOINT), meta((1, 30, 128, 128))
+    for _ in range(10):
+        assert attn.rent_plan(small, small, small, None)
+    n_big = rented_calls(big)
+    for _ in range(2 * n_big):  # the big shape's purchase says nothing about this one: it still rents
+        assert attn.rent_plan(small, small, small, None)
+    # another layout (strides) or dtype is another cuDNN plan
+    assert attn.rent_plan(meta(JOINT).transpose(1, 2).contiguous().transpose(1, 2), big, big, None)
+    assert attn.rent_plan(meta(JOINT, torch.float16), meta(JOINT, torch.float16), meta(JOINT, torch.float16), None)
+
+
+def test_counts_are_per_thread_as_cudnn_plans_are():
+    q = meta(JOINT)
+    rented_calls(q)
+    assert not attn.rent_plan(q, q, q, None)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(attn.rent_plan(q, q, q, None)))
+    worker.start()
+    worker.join()
+    assert seen == [True]
+
+
+def test_compiled_code_never_rents(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attn.rent_plan(meta(JOINT), meta(JOINT), meta(JOINT), None)
+
+
+def test_a_rented_call_runs_sdpa_without_cudnn_and_restores_the_flag(monkeypatch):
+    states = []
+    real = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        states.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", recording)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    mask = torch.rand(1, 1, 1, 16, generator=torch.Generator().manual_seed(3)) > 0.3
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        out = attn.sdpa_without_cudnn(q, k, v, mask)
+        assert states == [False] and torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.equal(out, real(q, k, v, attn_mask=mask))
+        # a user who turned cuDNN off keeps it off
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        attn.sdpa_without_cudnn(q, k, v, None)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        # restored when the call raises, too
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with pytest.raises(RuntimeError):
+            attn.sdpa_without_cudnn(q, k[..., :4], v, None)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        # CPU tensors never switch (no cuDNN attention there): auto is plain SDPA
+        states.clear()
+        attn.attention(q, k, v, None, "auto")
+        assert states == [True] and attn._RENTED.__dict__ == {}
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
