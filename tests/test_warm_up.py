@@ -179,3 +179,50 @@ def test_what_moves_or_changes_the_weights_waits_for_running_warm_ups_first(tiny
                  "diffusion_model.layers.0.attention.out.lora_down.weight": torch.full((2, in_features), 0.01)})
     z.release()
     assert events == ["wait", "wait", "apply", "wait", "finish", "wait", "detach"], events
+
+
+class _Stop(Exception):
+    pass
+
+
+class _NoModel:
+    """A diffusion model our path may not reach: touching its blocks ends the call (the test's probe)."""
+
+    @property
+    def layers(self):
+        raise _Stop
+
+
+def test_accelerate_runs_comfyuis_blocks_while_its_kernels_load_and_never_waits(monkeypatch):
+    from zimage_core import native
+
+    waited = []
+    monkeypatch.setattr(fast_denoiser, "wait_warm_ups", lambda: waited.append(True))
+    release = threading.Event()
+    loading = threading.Thread(target=release.wait)
+    loading.start()
+    try:
+        accel = native.NativeAccelerator()
+        accel._warm_up = loading
+        ran = []
+        # while the warm-up runs: ComfyUI's own call, no wait, our blocks untouched, counted and said in the log
+        assert accel.call(_NoModel(), lambda: ran.append("comfyui") or "latents") == "latents"
+        assert accel.call(_NoModel(), lambda: ran.append("comfyui") or "latents") == "latents"
+        assert ran == ["comfyui", "comfyui"] and not waited
+        assert accel.report()["warming_calls"] == 2 and accel.report()["fast_blocks"] == 0
+        assert "the first 2 transformer call(s) ran ComfyUI's own blocks while our kernels loaded" in accel.summary("")
+        # a precision guard's checks were asked for on every call: it waits for the kernels instead
+        guarded = native.NativeAccelerator(guard="detect")
+        guarded._warm_up = loading
+        with pytest.raises(_Stop):
+            guarded.call(_NoModel(), lambda: ran.append("comfyui"))
+        assert waited == [True] and guarded.warming_calls == 0 and len(ran) == 2
+    finally:
+        release.set()
+        loading.join()
+    # once loaded, the next call goes to our blocks (and waits for nothing still running)
+    with pytest.raises(_Stop):
+        accel.call(_NoModel(), lambda: ran.append("comfyui"))
+    assert len(ran) == 2 and accel._warm_up is None
+    accel.reset_counts()
+    assert accel.report()["warming_calls"] == 0

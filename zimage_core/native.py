@@ -323,6 +323,7 @@ class NativeAccelerator:
         self.native_runs = 0  # blocks run by ComfyUI's forward, over all calls
         self.fast_runs = 0  # blocks run by our maths
         self.fetched_runs = 0  # of those, blocks whose weights the provider fetched per op (streamed, quantized ...)
+        self.warming_calls = 0  # transformer calls run by ComfyUI's blocks while our kernels were still loading
         self.weight_dtypes: dict[str, int] = {}  # dtype of the weights our blocks multiplied by -> block runs
         self.calls = 0
         self.probe_runs = 0
@@ -473,11 +474,18 @@ class NativeAccelerator:
         """``run()`` (one call of ComfyUI's ``NextDiT._forward``, e.g. the wrapper's executor, with these
         ``transformer_options``) with every block routed through ``run_block``, under this accelerator's attention
         backend and guard."""
-        if self._warm_up is not None:  # the first call waits for the warm-up's kernels (one thread in Triton)
+        if self._warm_up is not None:
+            if self._warm_up.is_alive() and self.policy == "off":
+                # Never wait for our own start-up: while the warm-up loads our kernels (0.8 s from Triton's cache on
+                # an H100, seconds cold), ComfyUI's own blocks run the call, as a JIT runs its interpreter until
+                # the compiled code is ready; the first image is then not slower than native's. (Not with a
+                # precision guard, whose checks the user asked for on every call.)
+                self.warming_calls += 1
+                return run()
             from .fast_denoiser import wait_warm_ups
 
             self._warm_up = None
-            wait_warm_ups()
+            wait_warm_ups()  # one thread in Triton: the warm-up's compiles and ours never overlap
         self._model = diffusion_model
         self.calls += 1
         self._tables, self._select = None, {}
@@ -529,6 +537,7 @@ class NativeAccelerator:
             sticky = {n: dtype_name(d) for n, d in WeightOwner.of(self._model).sticky.items()}
         return {"policy": self.policy, "calls": self.calls, "checks": self.checks, "probe_runs": self.probe_runs,
                 "fast_blocks": self.fast_runs, "native_blocks": self.native_runs, "fetched_blocks": self.fetched_runs,
+                "warming_calls": self.warming_calls,
                 "weight_dtypes": dict(self.weight_dtypes), "fallbacks": dict(self.fallbacks), "sticky": sticky,
                 "events": [asdict(e) for e in self.events]}
 
@@ -542,11 +551,14 @@ class NativeAccelerator:
         if self.native_runs:
             reasons = "; ".join(sorted(set(self.fallbacks.values())))
             line += f"; {self.native_runs} ran ComfyUI's own forward ({reasons})"
+        if self.warming_calls:
+            line += (f"; the first {self.warming_calls} transformer call(s) ran ComfyUI's own blocks while our kernels "
+                     "loaded")
         return line
 
     def reset_counts(self) -> None:
         """Start the counts of ``report`` over (per sampling run)."""
-        self.fast_runs = self.native_runs = self.fetched_runs = 0
+        self.fast_runs = self.native_runs = self.fetched_runs = self.warming_calls = 0
         self.fallbacks.clear()
         self.weight_dtypes.clear()
 
