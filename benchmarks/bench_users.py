@@ -124,7 +124,12 @@ def load_model(args, ckpt: Path, options: dict):
 
 
 def child(args) -> dict:
+    import faulthandler
+
     import torch
+
+    if args.dump_after:  # every thread's stack on stderr before the driver's time-out kills this process
+        faulthandler.dump_traceback_later(args.dump_after, exit=False)
 
     kind, budget = parse_setup(args.child)
     logs = []  # our log lines (the warm-up's time, the node's summary)
@@ -564,12 +569,15 @@ def run_child(args, setup: str, comfy: str, version: str, deadline: float, first
            args.work, "--result", str(out), "--steps", str(args.steps), "--base-steps", str(args.base_steps),
            "--size", str(args.size), "--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else []) + (
         ["--accuracy"] if args.accuracy else []) + (
-        ["--first", first] if first else [])
+        ["--first", first] if first else []) + ["--dump-after", f"{max(10.0, remaining - 20):.0f}"]
     print(f"--- {setup} {first or ''} ({version})", flush=True)
     try:
         proc = subprocess.run(cmd, timeout=remaining, capture_output=True, text=True)
     except subprocess.TimeoutExpired as err:
-        return {"setup": setup, "error": f"timed out after {remaining:.0f} s", "log": str(err.stdout)[-2000:]}
+        stacks = err.stderr or b""  # bytes, whatever ``text`` says
+        stacks = stacks.decode(errors="replace") if isinstance(stacks, bytes) else stacks
+        return {"setup": setup, "error": f"timed out after {remaining:.0f} s", "log": str(err.stdout)[-2000:],
+                "stacks": stacks[-12000:]}
     sys.stdout.write(proc.stdout[-3000:])
     if proc.returncode != 0:
         return {"setup": setup, "error": f"exit {proc.returncode}", "log": (proc.stdout + proc.stderr)[-4000:]}
@@ -661,6 +669,7 @@ def main() -> None:
     p.add_argument("--comfy-version", default="0.33.0")
     p.add_argument("--result")
     p.add_argument("--first")
+    p.add_argument("--dump-after", type=float, help="seconds after which the child prints every thread's stack")
     args = p.parse_args()
     if args.child:
         Path(args.result).write_text(json.dumps(child(args), default=str))

@@ -40,7 +40,7 @@ def _option_inputs() -> list:
                        tooltip="Compute (and storage) dtype of the VAE. auto: as the loader's dtype."),
         io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
                        tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), but a new image size's first "
-                               "calls skip cuDNN until its one-off plan (~0.25 s) pays off, so the first images are "
+                               "calls skip cuDNN until its one-off plan (~0.06 s) pays off, so the first images are "
                                "not slower; their bits then differ from later ones by rounding. sdpa: PyTorch's pick "
                                "from the first call (bit-identical reruns)."),
         io.Boolean.Input("compile", default=False,

@@ -193,36 +193,68 @@ class _NoModel:
         raise _Stop
 
 
-def test_accelerate_runs_comfyuis_blocks_while_its_kernels_load_and_never_waits(monkeypatch):
+def test_accelerate_starts_its_warm_up_after_comfyuis_first_call_and_never_waits_for_it(monkeypatch):
     from zimage_core import native
 
     waited = []
     monkeypatch.setattr(fast_denoiser, "wait_warm_ups", lambda: waited.append(True))
     release = threading.Event()
     loading = threading.Thread(target=release.wait)
-    loading.start()
+    order = []
+
+    def start():  # the armed warm-up (start_kernel_warm_up on CUDA)
+        order.append("warm-up started")
+        loading.start()
+        return loading
+
     try:
         accel = native.NativeAccelerator()
-        accel._warm_up = loading
-        ran = []
-        # while the warm-up runs: ComfyUI's own call, no wait, our blocks untouched, counted and said in the log
-        assert accel.call(_NoModel(), lambda: ran.append("comfyui") or "latents") == "latents"
-        assert accel.call(_NoModel(), lambda: ran.append("comfyui") or "latents") == "latents"
-        assert ran == ["comfyui", "comfyui"] and not waited
+        accel._warm_up_start = start
+        # the first call is ComfyUI's own (it loads the weights); the warm-up starts as it returns
+        assert accel.call(_NoModel(), lambda: order.append("comfyui") or "latents") == "latents"
+        assert order == ["comfyui", "warm-up started"]
+        # while the warm-up runs: ComfyUI's blocks again, no wait, counted and said in the log
+        assert accel.call(_NoModel(), lambda: order.append("comfyui") or "latents") == "latents"
+        assert order[2:] == ["comfyui"] and not waited
         assert accel.report()["warming_calls"] == 2 and accel.report()["fast_blocks"] == 0
         assert "the first 2 transformer call(s) ran ComfyUI's own blocks while our kernels loaded" in accel.summary("")
-        # a precision guard's checks were asked for on every call: it waits for the kernels instead
+        # a precision guard's checks were asked for on every call: it starts the warm-up and waits for it
         guarded = native.NativeAccelerator(guard="detect")
-        guarded._warm_up = loading
+        started = []
+        guarded._warm_up_start = lambda: started.append(True)
         with pytest.raises(_Stop):
-            guarded.call(_NoModel(), lambda: ran.append("comfyui"))
-        assert waited == [True] and guarded.warming_calls == 0 and len(ran) == 2
+            guarded.call(_NoModel(), lambda: order.append("comfyui"))
+        assert started == [True] and waited == [True] and guarded.warming_calls == 0 and len(order) == 3
     finally:
         release.set()
         loading.join()
-    # once loaded, the next call goes to our blocks (and waits for nothing still running)
+    # once loaded, the next call goes to our blocks
     with pytest.raises(_Stop):
-        accel.call(_NoModel(), lambda: ran.append("comfyui"))
-    assert len(ran) == 2 and accel._warm_up is None
+        accel.call(_NoModel(), lambda: order.append("comfyui"))
+    assert len(order) == 3 and accel._warm_up is None
     accel.reset_counts()
     assert accel.report()["warming_calls"] == 0
+
+
+def test_accelerate_arms_no_warm_up_where_none_would_run(monkeypatch):
+    """On the CPU (no Triton kernels there) the first call is ours, as every later one."""
+    from zimage_core import native
+
+    monkeypatch.delenv(fast_denoiser.WARM_UP_ENV, raising=False)
+    block = native_block_stub()
+    accel = native.NativeAccelerator()
+    accel.start_warm_up(block, "cpu", torch.float32)
+    assert accel._warm_up_start is None and accel._warm_up is None
+
+
+def native_block_stub():
+    """What ``start_warm_up`` reads of a diffusion model: the first block's sizes."""
+    block = torch.nn.Module()
+    block.attention_norm1 = torch.nn.LayerNorm(64)
+    block.feed_forward = torch.nn.Module()
+    block.feed_forward.w1 = torch.nn.Linear(64, 176, bias=False)
+    block.attention = torch.nn.Module()
+    block.attention.n_local_heads = 2
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([block])
+    return model

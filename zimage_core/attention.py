@@ -10,15 +10,16 @@ block function, so a compiled block stays one graph whatever the backend.
 
 ``auto``'s first calls: on Hopper and newer PyTorch picks cuDNN's attention, the fastest here (H100, 4224 tokens:
 495 us a call against flash's 866, ``benchmarks/results/lowp_h100.json``), but cuDNN builds an execution plan on
-the first call of each shape, ~250 ms of CPU (H200, ``raw/first_image_diag_h200.json``), and keeps it per thread
-(PyTorch's ``MHA.cpp``: a ``thread_local`` cache, so a warm-up thread cannot build it for the sampler). Three
-shapes a 1024² image (caption, image and joint lengths) cost the first image ~0.75 s, more than flash's slower
-calls cost over several images. So in eager mode ``auto`` rents before it buys: a shape's calls run without cuDNN
+the first call of each shape and keeps it per thread (PyTorch's ``MHA.cpp``: a ``thread_local`` cache; measured:
+a plan built in another thread does not serve the sampler's, so a warm-up thread cannot build it): 50-62 ms a
+shape on the H100 (``users_h100.json``, warm-up costs), ~250 ms on the H200 with an older PyTorch
+(``raw/first_image_diag_h200.json``), for three shapes an image (caption, image and joint lengths). So in eager
+mode ``auto`` rents before it buys: a shape's calls run without cuDNN
 (flash, or what PyTorch picks next) until the time they lost against cuDNN, estimated from their FLOPs at the
-H100's measured rates, reaches one plan's cost; from then on PyTorch's pick (cuDNN, plan built once) runs. The
-first images cost at most about twice the best choice made in hindsight, and the first image pays no plan. The
-price: a shape's first images and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned
-backend gives bit-identical reruns from the first image on.
+H100's measured rates, reaches one plan's cost; from then on PyTorch's pick (cuDNN, plan built once) runs. A
+shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's first image
+and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns
+from the first image on.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import torch.nn.functional as F
 from .errors import ZImageError
 from .options import ATTENTION_BACKENDS
 
-# ``auto``'s rent-or-buy: a cuDNN plan's cost (s) over what a call loses per FLOP without cuDNN (flash at 316
-# TFLOP/s against cuDNN's 554, H100, 1 x 30 x 4224 x 128): ~680 calls at the joint length, ~2.8 images of 8 steps.
-PLAN_COST_S = 0.25
+# ``auto``'s rent-or-buy: a cuDNN plan's cost (s, H100 as measured) over what a call loses per FLOP without cuDNN
+# (flash at 316 TFLOP/s against cuDNN's 554, H100, 1 x 30 x 4224 x 128): ~160 calls at the joint length, the
+# first image's first five steps.
+PLAN_COST_S = 0.06
 LOST_S_PER_FLOP = 1 / 316e12 - 1 / 554e12
 _RENTED = threading.local()  # per thread, as cuDNN's plans: shape key -> FLOPs run without cuDNN
 _SWITCH = threading.Lock()  # SDPA's cuDNN flag is process-wide: two threads must not interleave off and back on

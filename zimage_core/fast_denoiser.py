@@ -123,12 +123,25 @@ def start_kernel_warm_up(device, dtype: torch.dtype, dim: int, hidden: int, head
     with ``fp8`` cuBLASLt's fp8) first matmul and the attention kernels' first call, on 32 tokens. The Accelerate
     node starts it when it runs, before ComfyUI moves the weights for sampling; the first transformer call waits
     for it (``wait_warm_ups``). No weight of the model is read, and it holds a few MB."""
+    key = kernel_warm_up_key(device, dtype, dim, hidden, heads, fp8)
+    if key is None:
+        return None
+    return _start_once(_PROCESS_WARM_UPS, key, _kernel_warm_up, torch.device(device), dtype, dim, hidden, heads, fp8,
+                       torch.is_inference_mode_enabled())
+
+
+def kernel_warm_up_key(device, dtype: torch.dtype, dim: int, hidden: int, heads: int, fp8: bool) -> tuple | None:
+    """The key of ``start_kernel_warm_up``'s thread for these sizes (``kernel_warm_up_thread``), or None where it
+    never runs (not CUDA, no Triton kernels, or ``$ZIMAGE_WARM_UP`` is 0)."""
     device = torch.device(device)
     if device.type != "cuda" or not _warm_up_wanted(device) or not _kernels.available():  # Triton kernels: CUDA
         return None
-    key = ("kernels", str(device), dtype, dim, hidden, heads, fp8)
-    return _start_once(_PROCESS_WARM_UPS, key, _kernel_warm_up, device, dtype, dim, hidden, heads, fp8,
-                       torch.is_inference_mode_enabled())
+    return ("kernels", str(device), dtype, dim, hidden, heads, fp8)
+
+
+def kernel_warm_up_thread(key: tuple) -> threading.Thread | None:
+    """The kernel warm-up thread this process started for ``key`` (running or done), or None."""
+    return _PROCESS_WARM_UPS.get(key)
 
 
 def _kernel_warm_up(device, dtype, dim, hidden, heads, fp8, inference) -> None:

@@ -461,29 +461,45 @@ class NativeAccelerator:
 
     # ------------------------------------------------------------------ one transformer call
     def start_warm_up(self, diffusion_model: nn.Module, device, dtype: torch.dtype):
-        """Start the weight-free warm-up of our kernels at this model's sizes (``fast_denoiser.start_kernel_warm_up``)
-        in a thread; the first call waits for it. Nothing on the CPU."""
-        from .fast_denoiser import start_kernel_warm_up
+        """Arm the weight-free warm-up of our kernels at this model's sizes (``fast_denoiser.start_kernel_warm_up``):
+        it starts in a thread when the first transformer call returns (see ``call``). Nothing on the CPU."""
+        from .fast_denoiser import kernel_warm_up_key, kernel_warm_up_thread, start_kernel_warm_up
 
         block = diffusion_model.layers[0]
-        self._warm_up = start_kernel_warm_up(device, dtype, block.attention_norm1.weight.shape[0],
-                                             block.feed_forward.w1.out_features, block.attention.n_local_heads,
-                                             self.fp8_matmul)
+        args = (device, dtype, block.attention_norm1.weight.shape[0], block.feed_forward.w1.out_features,
+                block.attention.n_local_heads, self.fp8_matmul)
+        key = kernel_warm_up_key(*args)
+        if key is None:
+            return
+        self._warm_up = kernel_warm_up_thread(key)  # started before (another node): its calls follow it
+        if self._warm_up is None:
+            self._warm_up_start = lambda: start_kernel_warm_up(*args)
+
+    def _begin_warm_up(self) -> None:
+        if self._warm_up_start is not None:
+            self._warm_up, self._warm_up_start = self._warm_up_start(), None
 
     def call(self, diffusion_model: nn.Module, run, transformer_options: dict | None = None):
         """``run()`` (one call of ComfyUI's ``NextDiT._forward``, e.g. the wrapper's executor, with these
         ``transformer_options``) with every block routed through ``run_block``, under this accelerator's attention
         backend and guard."""
-        if self._warm_up is not None:
-            if self._warm_up.is_alive() and self.policy == "off":
-                # Never wait for our own start-up: while the warm-up loads our kernels (0.8 s from Triton's cache on
-                # an H100, seconds cold), ComfyUI's own blocks run the call, as a JIT runs its interpreter until
-                # the compiled code is ready; the first image is then not slower than native's. (Not with a
-                # precision guard, whose checks the user asked for on every call.)
-                self.warming_calls += 1
+        if self.policy == "off" and (self._warm_up_start is not None
+                                     or (self._warm_up is not None and self._warm_up.is_alive())):
+            # Never wait for our own start-up. The first call is ComfyUI's own: it loads or streams in the weights,
+            # CPU work our warm-up would slow by contending for Python's lock (H100, first image: the first step
+            # took 0.3-0.45 s longer with the warm-up running beside it); the warm-up starts as it returns and runs
+            # beside the next calls, which wait on the GPU, while ComfyUI's blocks still run them (a JIT running
+            # its interpreter until the compiled code is ready). Not with a precision guard, whose checks the user
+            # asked for on every call: it starts the warm-up and waits.
+            self.warming_calls += 1
+            try:
                 return run()
+            finally:
+                self._begin_warm_up()
+        if self._warm_up_start is not None or self._warm_up is not None:
             from .fast_denoiser import wait_warm_ups
 
+            self._begin_warm_up()
             self._warm_up = None
             wait_warm_ups()  # one thread in Triton: the warm-up's compiles and ours never overlap
         self._model = diffusion_model
@@ -528,7 +544,8 @@ class NativeAccelerator:
 
     _model: nn.Module | None = None
     _call_reason: str | None = None
-    _warm_up = None
+    _warm_up = None  # the running warm-up thread
+    _warm_up_start = None  # the armed warm-up, started by the first call
 
     # ------------------------------------------------------------------ report
     def report(self) -> dict:
