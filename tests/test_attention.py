@@ -65,9 +65,15 @@ def test_counts_are_per_thread_as_cudnn_plans_are():
     assert seen == [True]
 
 
-def test_compiled_code_never_rents(monkeypatch):
+def test_compiled_code_and_warm_up_threads_never_rent(monkeypatch):
+    q = meta(JOINT)
+    seen = []
+    warm_up = threading.Thread(target=lambda: seen.append(attn.rent_plan(q, q, q, None)), name=attn.WARM_UP_THREAD)
+    warm_up.start()
+    warm_up.join()
+    assert seen == [False]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not attn.rent_plan(meta(JOINT), meta(JOINT), meta(JOINT), None)
+    assert not attn.rent_plan(q, q, q, None)
 
 
 def test_a_rented_call_runs_sdpa_without_cudnn_and_restores_the_flag(monkeypatch):

@@ -41,6 +41,7 @@ PLAN_COST_S = 0.06
 LOST_S_PER_FLOP = 1 / 316e12 - 1 / 554e12
 _RENTED = threading.local()  # per thread, as cuDNN's plans: shape key -> FLOPs run without cuDNN
 _SWITCH = threading.Lock()  # SDPA's cuDNN flag is process-wide: two threads must not interleave off and back on
+WARM_UP_THREAD = "zimage-warm-up"  # the warm-up threads' name: they never switch the flag (see ``rent_plan``)
 
 # name -> fn(q, k, v, mask) with q/k/v [B, heads, S, head_dim] and mask None or bool [B, 1, 1, S]
 _KERNELS: dict[str, Callable] = {}
@@ -96,8 +97,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether this call of ``auto`` should still run without cuDNN (see the module's docstring): True until this
     thread's calls of the same shapes, strides and dtype have lost one plan's cost; never while compiling (a
-    compiled block stays one graph)."""
-    if torch.compiler.is_compiling():
+    compiled block stays one graph), nor in a warm-up thread (its small calls gain nothing, and the switch, being
+    process-wide, would reach whatever the workflow runs meanwhile in the sampling thread)."""
+    if torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD:
         return False
     seen = getattr(_RENTED, "flops", None)
     if seen is None:

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from . import compile_cache
 from . import kernels as _kernels
-from .attention import backend_context, sets_global_state
+from .attention import WARM_UP_THREAD, backend_context, sets_global_state
 from .blocks import BlockShape, BlockWeights, Linear, block_forward
 from .cuda_graphs import StepGraphs, graphs_usable
 from .denoiser import F_PATCH, PATCH, DenoiseContext, Denoiser
@@ -63,7 +63,7 @@ def _start_once(registry: dict, key: tuple, target, *args) -> threading.Thread:
     stays loaded for the process, so a kind of warm-up runs once."""
     thread = registry.get(key)
     if thread is None:
-        thread = registry[key] = threading.Thread(target=target, args=args, daemon=True, name="zimage-warm-up")
+        thread = registry[key] = threading.Thread(target=target, args=args, daemon=True, name=WARM_UP_THREAD)
         thread.start()
     return thread
 
