@@ -86,6 +86,9 @@ def boot_033(comfy: Path, cpu: bool, reserve: float | None) -> None:
         aimdo = comfy_aimdo.control.init_devices(
             (d.index, int(args.vram_headroom * GIB)) for d in mm.get_all_torch_devices())
         if aimdo:
+            # main.py's log level (INFO by default). Left at aimdo's own (ALL), its CUDA allocation hooks log into
+            # Python: the likely cause of the bf16 setup's hangs (a warm-up thread allocating beside the sampler).
+            comfy_aimdo.control.set_log_info()
             comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
             comfy.memory_management.aimdo_enabled = True
     print(f"ComfyUI booted: dynamic VRAM {'on' if aimdo else 'off'}, reserve {reserve}", flush=True)

@@ -30,6 +30,16 @@ def _wrappers_mp():
     return comfy.patcher_extension.WrappersMP
 
 
+def background_warm_up_safe(model) -> bool:
+    """Whether our kernel warm-up may run in a thread beside ComfyUI's sampling. Not under dynamic VRAM at DEBUG
+    verbosity: comfy-aimdo then logs from inside its CUDA allocation hooks through a Python callback, which needs
+    Python's lock while PyTorch's allocator holds its own, so a second thread allocating can deadlock against the
+    sampling thread. (Our likeliest reading of a benchmark that hung with aimdo's log level left at ALL, from
+    comfy-aimdo 0.4.13's code; not reproduced. ComfyUI's default INFO level keeps those logs out of Python.)"""
+    dynamic = getattr(model, "is_dynamic", None)
+    return not (callable(dynamic) and dynamic() and logging.getLogger().getEffectiveLevel() <= logging.DEBUG)
+
+
 def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graphs: bool = False,
                precision_guard: str = "off", fp8_matmul: bool = False):
     """(the accelerated MODEL clone, its NativeAccelerator). Raises ZImageError for a model that is not Z-Image."""
@@ -57,7 +67,11 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
                               native_clamps=native_clamps, weights=comfy_weights(fp8_matmul))
     clone = model.clone()  # as loaded: dynamic VRAM, weight dtype and scales stay ComfyUI's
     compute = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
-    accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels' start-up: after the first call
+    if background_warm_up_safe(model):
+        accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels' start-up: after the first call
+    else:
+        log.info("Z-Image Accelerate: no background warm-up under dynamic VRAM at DEBUG verbosity; our kernels load "
+                 "on the first call")
 
     def diffusion_wrapper(executor, *args, **kwargs):
         return accel.call(executor.class_obj, lambda: executor(*args, **kwargs), kwargs.get("transformer_options"))

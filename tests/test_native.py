@@ -25,6 +25,7 @@ latents are compared here:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -111,6 +112,17 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
     bf16.model.manual_cast_dtype = None
     tensors["bf16_native"] = sample(bf16)
     tensors["bf16_ours"] = sample(accel_mod.accelerate(bf16, compile=False)[0])
+    # the kernel warm-up's thread: never beside dynamic VRAM at DEBUG verbosity (aimdo's hooks log into Python)
+    dynamic = base.clone()
+    dynamic.is_dynamic = lambda: True
+    root, level = logging.getLogger(), logging.getLogger().level
+    safe = {}
+    for name, patcher, lvl in (("dynamic_info", dynamic, logging.INFO), ("dynamic_debug", dynamic, logging.DEBUG),
+                               ("static_debug", base, logging.DEBUG)):
+        root.setLevel(lvl)
+        safe[name] = accel_mod.background_warm_up_safe(patcher)
+    root.setLevel(level)
+    results["background_warm_up_safe"] = safe
     results["wrapper_on_input"] = accel_mod.WRAPPER_KEY in json.dumps(base.wrappers, default=str)
     results["wrapper_on_clone"] = accel_mod.WRAPPER_KEY in json.dumps(fast.wrappers, default=str)
 
@@ -579,6 +591,11 @@ if __name__ != "__main__":
         heads, eps, _ = results["block_shapes"][0]
         assert [heads, eps] == results["block_shapes"][1][:2]  # q/k eps differ: ComfyUI's is float32's epsilon
         assert max(results["block_vs_comfy"].values()) < 1e-5, results["block_vs_comfy"]
+
+    def test_no_warm_up_thread_beside_dynamic_vram_at_debug_verbosity(native_run):
+        _, results, _, _ = native_run
+        assert results["background_warm_up_safe"] == {"dynamic_info": True, "dynamic_debug": False,
+                                                      "static_debug": True}
 
     def test_non_zimage_model_is_refused(native_run):
         _, results, _, _ = native_run
