@@ -1,9 +1,9 @@
 """One attention dispatch for every transformer path (the reference denoiser, the fast one, ComfyUI's model).
 
 A backend name picks a kernel: ``sdpa`` lets PyTorch's ``scaled_dot_product_attention`` choose, ``auto`` does too
-except for a new shape's first calls (below), the others pin one SDPA backend (``cudnn``, ``flash``,
-``efficient``, ``math``). A kernel of our own (an fp8
-attention, say) registers under a new name with ``register`` and is then called by the same block maths.
+except for a new shape's first calls (below), the others pin one SDPA backend (``cudnn``, ``flash``, ``efficient``,
+``math``). A kernel of our own (an fp8 attention, say) registers under a new name with ``register`` and is then
+called by the same block maths.
 
 SDPA backends are chosen by a context around the whole transformer call (``backend_context``), not inside the
 block function, so a compiled block stays one graph whatever the backend.
@@ -12,14 +12,13 @@ block function, so a compiled block stays one graph whatever the backend.
 495 us a call against flash's 866, ``benchmarks/results/lowp_h100.json``), but cuDNN builds an execution plan on
 the first call of each shape and keeps it per thread (PyTorch's ``MHA.cpp``: a ``thread_local`` cache; measured:
 a plan built in another thread does not serve the sampler's, so a warm-up thread cannot build it): 50-62 ms a
-shape on the H100 (``users_h100.json``, warm-up costs), ~250 ms on the H200 with an older PyTorch
+shape on the H100 (``users_part4_h100.json``, warm-up costs), ~250 ms on the H200 with an older PyTorch
 (``raw/first_image_diag_h200.json``), for three shapes an image (caption, image and joint lengths). So in eager
-mode ``auto`` rents before it buys: a shape's calls run without cuDNN
-(flash, or what PyTorch picks next) until the time they lost against cuDNN, estimated from their FLOPs at the
-H100's measured rates, reaches one plan's cost; from then on PyTorch's pick (cuDNN, plan built once) runs. A
-shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's first image
-and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns
-from the first image on.
+mode ``auto`` rents before it buys: a shape's calls run without cuDNN (flash, or what PyTorch picks next) until
+the time they lost against cuDNN, estimated from their FLOPs at the H100's measured rates, reaches one plan's
+cost; from then on PyTorch's pick (cuDNN, plan built once) runs. A shape's first calls cost at most about twice
+the best choice made in hindsight. The price: a shape's first image and later ones differ by bf16 rounding
+(another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns from the first image on.
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ def start_kernel_warm_up(device, dtype: torch.dtype, dim: int, hidden: int, head
     """The weight-free start-up of our block maths at a model's own sizes, in a thread, once per process and kind:
     our Triton kernels for these row sizes (their compiled code is specialized by the row length), cuBLAS's (and
     with ``fp8`` cuBLASLt's fp8) first matmul and the attention kernels' first call, on 32 tokens. The Accelerate
-    node starts it when it runs, before ComfyUI moves the weights for sampling; the first transformer call waits
-    for it (``wait_warm_ups``). No weight of the model is read, and it holds a few MB."""
+    node starts it as ComfyUI's first transformer call returns, and ComfyUI's blocks run the calls until it is done
+    (``NativeAccelerator.call``). No weight of the model is read, and it holds a few MB."""
     key = kernel_warm_up_key(device, dtype, dim, hidden, heads, fp8)
     if key is None:
         return None

@@ -569,8 +569,8 @@ class NativeAccelerator:
             reasons = "; ".join(sorted(set(self.fallbacks.values())))
             line += f"; {self.native_runs} ran ComfyUI's own forward ({reasons})"
         if self.warming_calls:
-            line += (f"; the first {self.warming_calls} transformer call(s) ran ComfyUI's own blocks while our kernels "
-                     "loaded")
+            line += (f"; the first {self.warming_calls} transformer call(s) ran ComfyUI's own blocks before our "
+                     "kernels were ready")
         return line
 
     def reset_counts(self) -> None:
