@@ -206,7 +206,7 @@ def child(args) -> dict:
         except Exception:  # noqa: BLE001
             return float("nan")
 
-    if kind == "first":  # a new process's first image: native, ours, or ours with flash attention (args.first)
+    if kind == "first":  # a new process's first image: native, ours, ours on sdpa or on flash (args.first)
         start = time.perf_counter()
         attention = {"ours_flash": "flash", "ours_sdpa": "sdpa"}.get(args.first, "auto")
         patcher = model if args.first == "native" else accel_mod.accelerate(model, attention=attention)[0]
@@ -271,9 +271,9 @@ def child(args) -> dict:
 
 
 def settle(name, patcher, sample, steps) -> None:
-    """Untimed images for our paths until ``auto`` attention has bought cuDNN's plans (zimage_core/attention.py:
-    ~680 calls at 1024², under three 8-step images), so the timed rounds are the steady state; the first image is
-    the ``first`` setup's."""
+    """Untimed images for our paths (24 steps) so that ``auto`` attention has bought cuDNN's plan for the joint
+    length (zimage_core/attention.py: ~160 calls at 1024²) and the timed rounds are the steady state (the two noise
+    refiner blocks' shape stays on flash for about ten images, as for a user); the first image is ``first``'s."""
     if name.startswith("ours"):
         for _ in range(max(1, -(-24 // steps))):
             sample(patcher)
