@@ -108,3 +108,29 @@ def test_a_rented_call_runs_sdpa_without_cudnn_and_restores_the_flag(monkeypatch
         assert states == [True] and attn._RENTED.__dict__ == {}
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_work_captured_into_a_cuda_graph_buys_the_plans_at_once(monkeypatch):
+    """A graph keeps the kernel of capture time for every replay: ``_capture``'s warm-up and capture rent nothing."""
+    import contextlib
+
+    from zimage_core import cuda_graphs
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None: contextlib.nullcontext())
+    q = meta(JOINT)
+    seen = []
+    cuda_graphs._capture(lambda x: seen.append(attn.rent_plan(x, x, x, None)), q)
+    assert seen == [False, False]  # the warm-up pass (builds the plan) and the captured pass
+    assert attn.rent_plan(q, q, q, None)  # outside a capture, a new shape rents again
+    with attn.plans_bought():
+        with attn.plans_bought():
+            pass
+        assert not attn.rent_plan(q, q, q, None)  # nested: the outer one still buys

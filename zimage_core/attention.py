@@ -18,7 +18,9 @@ mode ``auto`` rents before it buys: a shape's calls run without cuDNN (flash, or
 the time they lost against cuDNN, estimated from their FLOPs at the H100's measured rates, reaches one plan's
 cost; from then on PyTorch's pick (cuDNN, plan built once) runs. A shape's first calls cost at most about twice
 the best choice made in hindsight. The price: a shape's first image and later ones differ by bf16 rounding
-(another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns from the first image on.
+(another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns from the first image on. Work captured
+into a CUDA graph (our sampler's steps from a shape's second image) buys at once (``plans_bought``): a graph keeps
+its kernels for every replay.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     thread's calls of the same shapes, strides and dtype have lost one plan's cost; never while compiling (a
     compiled block stays one graph), nor in a warm-up thread (its small calls gain nothing, and the switch, being
     process-wide, would reach whatever the workflow runs meanwhile in the sampling thread)."""
-    if torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD:
+    if (torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD
+            or getattr(_RENTED, "buying", False)):
         return False
     seen = getattr(_RENTED, "flops", None)
     if seen is None:
@@ -110,6 +113,18 @@ def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return False
     seen[key] = done + 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
     return True
+
+
+@contextlib.contextmanager
+def plans_bought():
+    """``auto`` rents nothing inside: PyTorch's pick (cuDNN, its plan built at once) runs from the first call. For
+    work captured into a CUDA graph, which keeps the kernel of capture time for every replay."""
+    was = getattr(_RENTED, "buying", False)
+    _RENTED.buying = True
+    try:
+        yield
+    finally:
+        _RENTED.buying = was
 
 
 def sdpa_without_cudnn(q, k, v, mask):

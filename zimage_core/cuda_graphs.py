@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .attention import plans_bought
 from .weights import WeightOwner
 
 log = logging.getLogger("zimage_core")
@@ -31,15 +32,18 @@ def graphs_usable(model, guard) -> bool:
 
 
 def _capture(fn, *static_inputs, pool=None):
-    """Warm up ``fn`` on a side stream, then capture it; returns (graph, static output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn(*static_inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn(*static_inputs)
+    """Warm up ``fn`` on a side stream, then capture it; returns (graph, static output). ``auto`` attention buys
+    cuDNN's plans in the warm-up (a graph keeps the kernel of capture time for every replay; a plan can't be built
+    while capturing)."""
+    with plans_bought():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn(*static_inputs)
     return graph, out
 
 
