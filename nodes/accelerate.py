@@ -30,14 +30,25 @@ def _wrappers_mp():
     return comfy.patcher_extension.WrappersMP
 
 
+def console_log_level() -> str:
+    """ComfyUI's console log level as its ``main.py`` reads it from ``--verbose`` (0.33: a list of outputs; 0.3.75:
+    one level)."""
+    from comfy import cli_args
+
+    verbose = getattr(cli_args.args, "verbose", "INFO")
+    read = getattr(cli_args, "get_console_log_level", None)
+    return read(verbose) if read is not None and isinstance(verbose, list) else str(verbose or "INFO")
+
+
 def background_warm_up_safe(model) -> bool:
-    """Whether our kernel warm-up may run in a thread beside ComfyUI's sampling. Not under dynamic VRAM at DEBUG
-    verbosity: comfy-aimdo then logs from inside its CUDA allocation hooks through a Python callback, which needs
-    Python's lock while PyTorch's allocator holds its own, so a second thread allocating can deadlock against the
-    sampling thread. (Our likeliest reading of a benchmark that hung with aimdo's log level left at ALL, from
-    comfy-aimdo 0.4.13's code; not reproduced. ComfyUI's default INFO level keeps those logs out of Python.)"""
+    """Whether our kernel warm-up may run in a thread beside ComfyUI's sampling. Not under dynamic VRAM with
+    ComfyUI's console at DEBUG or DETAIL: ``main.py`` then turns comfy-aimdo's own logging up, and aimdo logs from
+    inside its CUDA allocation hooks through a Python callback, which needs Python's lock while PyTorch's allocator
+    holds its own, so a second thread allocating can deadlock against the sampling thread. (Suspected, from
+    comfy-aimdo 0.4.13's code: a benchmark that left aimdo's level at ALL hung; not reproduced. At ComfyUI's
+    default INFO those logs never reach Python.)"""
     dynamic = getattr(model, "is_dynamic", None)
-    return not (callable(dynamic) and dynamic() and logging.getLogger().getEffectiveLevel() <= logging.DEBUG)
+    return not (callable(dynamic) and dynamic() and console_log_level() in ("DEBUG", "DETAIL"))
 
 
 def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graphs: bool = False,
@@ -70,8 +81,8 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
     if background_warm_up_safe(model):
         accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels' start-up: after the first call
     else:
-        log.info("Z-Image Accelerate: no background warm-up under dynamic VRAM at DEBUG verbosity; our kernels load "
-                 "on the first call")
+        log.info("Z-Image Accelerate: no background warm-up under dynamic VRAM at %s verbosity; our kernels load on "
+                 "the first call", console_log_level())
 
     def diffusion_wrapper(executor, *args, **kwargs):
         return accel.call(executor.class_obj, lambda: executor(*args, **kwargs), kwargs.get("transformer_options"))
@@ -111,10 +122,11 @@ class ZTurboAccelerate(io.ComfyNode):
                                          "H200 the fused eager kernels are as fast (0.765 s both, 8 steps at 1024²) "
                                          "without the compile's first-call cost."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
-                               tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), but a new image "
-                                       "size's first calls skip cuDNN until its one-off plan (~0.06 s) pays off, so "
-                                       "the first images are not slower; their bits then differ from later ones by "
-                                       "rounding. sdpa: PyTorch's pick from the first call (bit-identical reruns)."),
+                               tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), except that a new image "
+                                       "size's first calls skip cuDNN until its one-off plan (~0.06 s on an H100) "
+                                       "would have paid off; their bits differ from later ones by rounding. sdpa: "
+                                       "PyTorch's pick from the first call. A new process's first steps run "
+                                       "ComfyUI's own blocks whatever the choice."),
                 io.Boolean.Input("cuda_graphs", default=False,
                                  tooltip="Not applied on ComfyUI's model (a graph would keep stale LoRA weights); "
                                          "accepted for saved workflows."),

@@ -129,8 +129,33 @@ def test_work_captured_into_a_cuda_graph_buys_the_plans_at_once(monkeypatch):
     seen = []
     cuda_graphs._capture(lambda x: seen.append(attn.rent_plan(x, x, x, None)), q)
     assert seen == [False, False]  # the warm-up pass (builds the plan) and the captured pass
-    assert attn.rent_plan(q, q, q, None)  # outside a capture, a new shape rents again
+    assert not attn.rent_plan(q, q, q, None)  # outside the capture, that shape's plan is bought
+    other = meta((1, 30, 4096, 128))
+    assert attn.rent_plan(other, other, other, None)  # another shape rents
     with attn.plans_bought():
         with attn.plans_bought():
             pass
-        assert not attn.rent_plan(q, q, q, None)  # nested: the outer one still buys
+        assert not attn.rent_plan(other, other, other, None)  # nested: the outer one still buys
+    assert not attn.rent_plan(other, other, other, None)
+
+
+def test_auto_on_cuda_runs_a_rented_call_without_cudnn(monkeypatch):
+    """The dispatch itself: ``auto`` on a CUDA tensor asks ``rent_plan`` and runs the rented call without cuDNN;
+    other backends and bought shapes go straight to SDPA."""
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    calls = []
+    monkeypatch.setattr(attn, "sdpa_without_cudnn", lambda q, k, v, m: calls.append("rented") or "rented")
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or "sdpa")
+    q = torch.Tensor._make_subclass(OnCuda, torch.zeros(1, 30, 4224, 128, dtype=torch.bfloat16))
+    assert q.is_cuda
+    n = attn.PLAN_COST_S / (4.0 * 30 * 4224 * 4224 * 128 * attn.LOST_S_PER_FLOP)
+    results = [attn.attention(q, q, q, None, "auto") for _ in range(math.ceil(n) + 2)]
+    assert results == ["rented"] * math.ceil(n) + ["sdpa"] * 2
+    calls.clear()
+    fresh = torch.Tensor._make_subclass(OnCuda, torch.zeros(1, 30, 4096, 128, dtype=torch.bfloat16))
+    assert attn.attention(fresh, fresh, fresh, None, "sdpa") == "sdpa" and calls == ["sdpa"]

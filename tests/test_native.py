@@ -25,7 +25,6 @@ latents are compared here:
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -112,16 +111,26 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
     bf16.model.manual_cast_dtype = None
     tensors["bf16_native"] = sample(bf16)
     tensors["bf16_ours"] = sample(accel_mod.accelerate(bf16, compile=False)[0])
-    # the kernel warm-up's thread: never beside dynamic VRAM at DEBUG verbosity (aimdo's hooks log into Python)
+    # the kernel warm-up's thread: never beside dynamic VRAM at DEBUG/DETAIL verbosity (aimdo's hooks log into
+    # Python), read from ComfyUI's --verbose as its main.py reads it (0.33: a list of outputs; 0.3.75: a level)
+    from comfy import cli_args
+
     dynamic = base.clone()
     dynamic.is_dynamic = lambda: True
-    root, level = logging.getLogger(), logging.getLogger().level
+    verbose, armed = cli_args.args.verbose, []
+    real_start = accel_mod.NativeAccelerator.start_warm_up
+    accel_mod.NativeAccelerator.start_warm_up = lambda self, *a: armed.append(True)
     safe = {}
-    for name, patcher, lvl in (("dynamic_info", dynamic, logging.INFO), ("dynamic_debug", dynamic, logging.DEBUG),
-                               ("static_debug", base, logging.DEBUG)):
-        root.setLevel(lvl)
-        safe[name] = accel_mod.background_warm_up_safe(patcher)
-    root.setLevel(level)
+    try:
+        for name, patcher, level in (("dynamic_info", dynamic, "INFO"), ("dynamic_debug", dynamic, "DEBUG"),
+                                     ("dynamic_detail", dynamic, "DETAIL"), ("static_debug", base, "DEBUG")):
+            cli_args.args.verbose = [(level, None)] if hasattr(cli_args, "get_console_log_level") else level
+            armed.clear()
+            accel_mod.accelerate(patcher)
+            safe[name] = [accel_mod.background_warm_up_safe(patcher), bool(armed)]
+    finally:
+        cli_args.args.verbose = verbose
+        accel_mod.NativeAccelerator.start_warm_up = real_start
     results["background_warm_up_safe"] = safe
     results["wrapper_on_input"] = accel_mod.WRAPPER_KEY in json.dumps(base.wrappers, default=str)
     results["wrapper_on_clone"] = accel_mod.WRAPPER_KEY in json.dumps(fast.wrappers, default=str)
@@ -594,8 +603,10 @@ if __name__ != "__main__":
 
     def test_no_warm_up_thread_beside_dynamic_vram_at_debug_verbosity(native_run):
         _, results, _, _ = native_run
-        assert results["background_warm_up_safe"] == {"dynamic_info": True, "dynamic_debug": False,
-                                                      "static_debug": True}
+        # [safe, the node armed its warm-up]
+        assert results["background_warm_up_safe"] == {"dynamic_info": [True, True], "dynamic_debug": [False, False],
+                                                      "dynamic_detail": [False, False],
+                                                      "static_debug": [True, True]}
 
     def test_non_zimage_model_is_refused(native_run):
         _, results, _, _ = native_run

@@ -259,3 +259,21 @@ def native_block_stub():
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([block])
     return model
+
+
+def test_a_first_call_that_fails_still_starts_the_warm_up_and_raises(monkeypatch):
+    """An interrupted first sampling (ComfyUI's cancel raises inside the call) leaves no armed warm-up behind."""
+    from zimage_core import native
+
+    started = []
+    accel = native.NativeAccelerator()
+    accel._warm_up_start = lambda: started.append(True)  # returns None: as a warm-up that is done at once
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        accel.call(_NoModel(), interrupted)
+    assert started == [True] and accel._warm_up_start is None and accel.warming_calls == 1
+    with pytest.raises(_Stop):  # the next call is ours
+        accel.call(_NoModel(), interrupted)

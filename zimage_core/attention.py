@@ -16,8 +16,8 @@ shape on the H100 (``users_part4_h100.json``, warm-up costs), ~250 ms on the H20
 (``raw/first_image_diag_h200.json``), for three shapes an image (caption, image and joint lengths). So in eager
 mode ``auto`` rents before it buys: a shape's calls run without cuDNN (flash, or what PyTorch picks next) until
 the time they lost against cuDNN, estimated from their FLOPs at the H100's measured rates, reaches one plan's
-cost; from then on PyTorch's pick (cuDNN, plan built once) runs. A shape's first calls cost at most about twice
-the best choice made in hindsight. The price: a shape's first image and later ones differ by bf16 rounding
+cost; from then on PyTorch's pick (cuDNN, plan built once) runs. Where the plan costs what the constant says (the
+H100's), a shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's first image and later ones differ by bf16 rounding
 (another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns from the first image on. Work captured
 into a CUDA graph (our sampler's steps from a shape's second image) buys at once (``plans_bought``): a graph keeps
 its kernels for every replay.
@@ -41,7 +41,10 @@ from .options import ATTENTION_BACKENDS
 PLAN_COST_S = 0.06
 LOST_S_PER_FLOP = 1 / 316e12 - 1 / 554e12
 _RENTED = threading.local()  # per thread, as cuDNN's plans: shape key -> FLOPs run without cuDNN
-_SWITCH = threading.Lock()  # SDPA's cuDNN flag is process-wide: two threads must not interleave off and back on
+# SDPA's cuDNN flag is process-wide: two threads of ours must not interleave off and back on. Other writers of the
+# flag (``sdpa_kernel`` contexts, ComfyUI's own attention) are not ordered by it: harmless in ComfyUI, whose one
+# worker thread runs the sampler, and at worst another kernel for one call.
+_SWITCH = threading.RLock()
 WARM_UP_THREAD = "zimage-warm-up"  # the warm-up threads' name: they never switch the flag (see ``rent_plan``)
 
 # name -> fn(q, k, v, mask) with q/k/v [B, heads, S, head_dim] and mask None or bool [B, 1, 1, S]
@@ -100,14 +103,16 @@ def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     thread's calls of the same shapes, strides and dtype have lost one plan's cost; never while compiling (a
     compiled block stays one graph), nor in a warm-up thread (its small calls gain nothing, and the switch, being
     process-wide, would reach whatever the workflow runs meanwhile in the sampling thread)."""
-    if (torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD
-            or getattr(_RENTED, "buying", False)):
+    if torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD:
         return False
     seen = getattr(_RENTED, "flops", None)
     if seen is None:
         seen = _RENTED.flops = {}
     key = (q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device,
            None if mask is None else (mask.shape, mask.dtype))
+    if getattr(_RENTED, "buying", False):  # ``plans_bought``: this call builds the plan, later ones use it
+        seen[key] = float("inf")
+        return False
     done = seen.get(key, 0.0)
     if done * LOST_S_PER_FLOP >= PLAN_COST_S:
         return False

@@ -42,7 +42,7 @@ _COMPILED = None
 WARM_UP_ENV = "ZIMAGE_WARM_UP"  # 0: never; 1: also on the CPU (tests); unset: on CUDA
 WARM_UP_TOKENS = 1024  # a 512x512 image's tokens: ~100 MB of activations at Z-Image's size, never the real size's
 _WARM_UPS: dict[tuple, threading.Thread] = {}  # per process and kind of call: what a warm-up loads stays loaded
-_PROCESS_WARM_UPS: dict[tuple, threading.Thread] = {}  # the weight-free part, started before the weights load
+_PROCESS_WARM_UPS: dict[tuple, threading.Thread] = {}  # the weight-free part (our loader: before the weights load)
 
 
 def wait_warm_ups() -> None:
@@ -122,7 +122,8 @@ def start_kernel_warm_up(device, dtype: torch.dtype, dim: int, hidden: int, head
     our Triton kernels for these row sizes (their compiled code is specialized by the row length), cuBLAS's (and
     with ``fp8`` cuBLASLt's fp8) first matmul and the attention kernels' first call, on 32 tokens. The Accelerate
     node starts it as ComfyUI's first transformer call returns, and ComfyUI's blocks run the calls until it is done
-    (``NativeAccelerator.call``). No weight of the model is read, and it holds a few MB."""
+    (with a precision guard on, the first call starts it and waits; ``NativeAccelerator.call``). No weight of the
+    model is read, and it holds a few MB."""
     key = kernel_warm_up_key(device, dtype, dim, hidden, heads, fp8)
     if key is None:
         return None
