@@ -39,9 +39,9 @@ def _option_inputs() -> list:
         io.Combo.Input("vae_dtype", options=list(COMPUTE_DTYPES), default="auto",
                        tooltip="Compute (and storage) dtype of the VAE. auto: as the loader's dtype."),
         io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
-                       tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), except that a new image size's "
-                               "first calls skip cuDNN until its one-off plan (~0.06 s on an H100) would have paid "
-                               "off; their bits differ from later ones by rounding. sdpa: PyTorch's pick from the "
+                       tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), except that a new image "
+                               "size's first calls skip cuDNN until its one-off plan (~0.06 s on an H100) would have "
+                               "paid off; their bits differ from later ones by rounding. sdpa: PyTorch's pick from the "
                                "first call (bit-identical reruns)."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the transformer block. Off by default: on an H200 the default fused "
