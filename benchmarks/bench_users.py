@@ -8,6 +8,8 @@ ComfyUI's own sampler (what KSampler runs), euler, ``simple``, 1024², batch 1, 
 then the same model through our Accelerate node, rounds interleaved, medians kept, latents compared (relative L2).
 Our paths first run untimed images until ``auto`` attention has bought cuDNN's plans (``settle``): the timed rounds
 are the steady state. ``bf16`` also runs native with cuDNN attention first and ours on ``sdpa`` and ``flash``.
+A setup's process gets at most ``--setup-timeout-s`` (180 s); one that hangs leaves every thread's stack in the
+results (``stacks``) and the others their time.
 
 Setups (``--setups``): ``bf16``, ``fp8`` (UNETLoader ``weight_dtype`` fp8_e4m3fn), ``fp8fast`` (fp8_e4m3fn_fast),
 ``cq_fp8`` (a comfy_quant float8_e4m3fn checkpoint), ``int8cr`` (a comfy_quant int8_convrot checkpoint, made with
@@ -564,7 +566,7 @@ def floor_seconds(rates: dict, steps: int) -> dict:
 
 
 def run_child(args, setup: str, comfy: str, version: str, deadline: float, first: str | None = None) -> dict:
-    remaining = deadline - time.monotonic()
+    remaining = min(deadline - time.monotonic(), args.setup_timeout_s)  # a hung setup leaves the others time
     if remaining < 30:
         return {"setup": setup, "skipped": "out of time"}
     out = Path(args.work) / f"child_{setup.replace('@', '_')}_{first or ''}.json"
@@ -663,6 +665,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting setups after this many seconds")
+    p.add_argument("--setup-timeout-s", type=float, default=180.0, help="the most one setup's process may take")
     p.add_argument("--skip-prepare", action="store_true")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--accuracy", action="store_true", help="bf16 setup: also the fp32 truth and the resident path")
