@@ -8,8 +8,8 @@ ComfyUI's own sampler (what KSampler runs), euler, ``simple``, 1024², batch 1, 
 then the same model through our Accelerate node, rounds interleaved, medians kept, latents compared (relative L2).
 Our paths first run untimed images until ``auto`` attention has bought cuDNN's plans (``settle``): the timed rounds
 are the steady state. ``bf16`` also runs native with cuDNN attention first and ours on ``sdpa`` and ``flash``.
-A setup's process gets at most ``--setup-timeout-s`` (240 s: ``lowp`` compiles for ~45 s); one that hangs leaves every thread's stack in the
-results (``stacks``) and the others their time.
+A setup's process gets at most ``--setup-timeout-s`` (240 s: ``lowp`` compiles for ~45 s); one that hangs leaves
+every thread's stack in the results (``stacks``) and the others their time.
 
 Setups (``--setups``): ``bf16``, ``fp8`` (UNETLoader ``weight_dtype`` fp8_e4m3fn), ``fp8fast`` (fp8_e4m3fn_fast),
 ``cq_fp8`` (a comfy_quant float8_e4m3fn checkpoint), ``int8cr`` (a comfy_quant int8_convrot checkpoint, made with
