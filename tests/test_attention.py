@@ -24,6 +24,12 @@ def fresh_counts():
     attn._RENTED.__dict__.clear()
 
 
+def calls_to_buy(shape) -> int:
+    """How many calls of a [B, heads, S, head_dim] self-attention shape rent, from the module's constants."""
+    flops = 4.0 * math.prod(shape) * shape[2]
+    return math.ceil(attn.PLAN_COST_S / (flops * attn.LOST_S_PER_FLOP))
+
+
 def rented_calls(q, k=None, v=None, mask=None, limit=100_000) -> int:
     k, v = q if k is None else k, q if v is None else v
     for n in range(limit):
@@ -34,8 +40,7 @@ def rented_calls(q, k=None, v=None, mask=None, limit=100_000) -> int:
 
 def test_a_shape_rents_until_its_lost_time_reaches_one_plan():
     q = meta(JOINT)
-    flops = 4.0 * math.prod(JOINT) * JOINT[2]
-    expected = math.ceil(attn.PLAN_COST_S / (flops * attn.LOST_S_PER_FLOP))
+    expected = calls_to_buy(JOINT)
     assert rented_calls(q) == expected
     # within the first 8-step image (30 blocks a step at the joint length), after a few steps (the design)
     assert 3 * 30 < expected < 8 * 30
@@ -151,11 +156,11 @@ def test_auto_on_cuda_runs_a_rented_call_without_cudnn(monkeypatch):
     calls = []
     monkeypatch.setattr(attn, "sdpa_without_cudnn", lambda q, k, v, m: calls.append("rented") or "rented")
     monkeypatch.setattr(attn.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or "sdpa")
-    q = torch.Tensor._make_subclass(OnCuda, torch.zeros(1, 30, 4224, 128, dtype=torch.bfloat16))
+    q = torch.Tensor._make_subclass(OnCuda, torch.zeros(JOINT, dtype=torch.bfloat16))
     assert q.is_cuda
-    n = attn.PLAN_COST_S / (4.0 * 30 * 4224 * 4224 * 128 * attn.LOST_S_PER_FLOP)
-    results = [attn.attention(q, q, q, None, "auto") for _ in range(math.ceil(n) + 2)]
-    assert results == ["rented"] * math.ceil(n) + ["sdpa"] * 2
+    n = calls_to_buy(JOINT)
+    results = [attn.attention(q, q, q, None, "auto") for _ in range(n + 2)]
+    assert results == ["rented"] * n + ["sdpa"] * 2
     calls.clear()
     fresh = torch.Tensor._make_subclass(OnCuda, torch.zeros(1, 30, 4096, 128, dtype=torch.bfloat16))
     assert attn.attention(fresh, fresh, fresh, None, "sdpa") == "sdpa" and calls == ["sdpa"]

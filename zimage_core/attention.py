@@ -19,9 +19,8 @@ the time they lost against cuDNN, estimated from their FLOPs at the H100's measu
 cost; from then on PyTorch's pick (cuDNN, plan built once) runs. Where the plan costs what the constant says (the
 H100's), a shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's
 first image and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned backend gives
-bit-identical reruns from the first image on. Work captured
-into a CUDA graph (our sampler's steps from a shape's second image) buys at once (``plans_bought``): a graph keeps
-its kernels for every replay.
+bit-identical reruns from the first image on. Work captured into a CUDA graph (our sampler's steps from a shape's
+second image) buys at once (``plans_bought``): a graph keeps its kernels for every replay.
 """
 
 from __future__ import annotations
