@@ -122,11 +122,12 @@ class ZTurboAccelerate(io.ComfyNode):
                                          "H200 the fused eager kernels are as fast (0.765 s both, 8 steps at 1024²) "
                                          "without the compile's first-call cost."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
-                               tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), except that a new "
-                                       "image size's first calls skip cuDNN until its one-off plan (~0.06 s on an "
-                                       "H100) would have paid off; their bits differ from later ones by rounding. "
-                                       "sdpa: PyTorch's pick from the first call. A new process's first steps run "
-                                       "ComfyUI's own blocks whatever the choice."),
+                               tooltip="Attention kernel. auto: cuDNN where PyTorch ranks it first (H100, H200, "
+                                       "B200), else PyTorch's pick (flash); a new image size's first calls skip "
+                                       "cuDNN until its one-off plan (~0.06 s on an H100) would have paid off, so "
+                                       "their bits differ from later ones by rounding. sdpa: the same choice from "
+                                       "the first call. A new process's first steps run ComfyUI's own blocks "
+                                       "whatever the choice."),
                 io.Boolean.Input("cuda_graphs", default=False,
                                  tooltip="Not applied on ComfyUI's model (a graph would keep stale LoRA weights); "
                                          "accepted for saved workflows."),

@@ -39,10 +39,11 @@ def _option_inputs() -> list:
         io.Combo.Input("vae_dtype", options=list(COMPUTE_DTYPES), default="auto",
                        tooltip="Compute (and storage) dtype of the VAE. auto: as the loader's dtype."),
         io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="auto",
-                       tooltip="Attention kernel. auto: PyTorch's pick (cuDNN on Hopper), except that a new image "
-                               "size's first calls skip cuDNN until its one-off plan (~0.06 s on an H100) would have "
-                               "paid off; their bits differ from later ones by rounding. sdpa: PyTorch's pick from the "
-                               "first call (bit-identical reruns)."),
+                       tooltip="Attention kernel. auto: cuDNN where PyTorch ranks it first (H100, H200, B200), "
+                               "else PyTorch's pick (flash); a new image size's first calls skip cuDNN until its "
+                               "one-off plan (~0.06 s on an H100) would have paid off, so their bits differ from "
+                               "later ones by rounding. sdpa: the same choice from the first call (bit-identical "
+                               "reruns)."),
         io.Boolean.Input("compile", default=False,
                          tooltip="torch.compile the transformer block. Off by default: on an H200 the default fused "
                                  "kernels are as fast (8 steps at 1024²: 0.760 s; compiled 0.763 s). Compiling happens "

@@ -144,23 +144,116 @@ def test_work_captured_into_a_cuda_graph_buys_the_plans_at_once(monkeypatch):
     assert not attn.rent_plan(other, other, other, None)
 
 
-def test_auto_on_cuda_runs_a_rented_call_without_cudnn(monkeypatch):
-    """The dispatch itself: ``auto`` on a CUDA tensor asks ``rent_plan`` and runs the rented call without cuDNN;
-    other backends and bought shapes go straight to SDPA."""
+class OnCuda(torch.Tensor):
+    @property
+    def is_cuda(self):
+        return True
 
-    class OnCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
 
+def on_cuda(shape):
+    return torch.Tensor._make_subclass(OnCuda, torch.zeros(shape, dtype=torch.bfloat16))
+
+
+@pytest.fixture
+def dispatch(monkeypatch):
+    """``attention``'s three ways out recorded: rented (no cuDNN), cuDNN first, plain SDPA."""
     calls = []
     monkeypatch.setattr(attn, "sdpa_without_cudnn", lambda q, k, v, m: calls.append("rented") or "rented")
+    monkeypatch.setattr(attn, "sdpa_cudnn_first", lambda q, k, v, m: calls.append("cudnn") or "cudnn")
     monkeypatch.setattr(attn.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append("sdpa") or "sdpa")
-    q = torch.Tensor._make_subclass(OnCuda, torch.zeros(JOINT, dtype=torch.bfloat16))
+    monkeypatch.setattr(attn, "cudnn_preferred", lambda device: True)
+    return calls
+
+
+def test_auto_on_cuda_rents_then_buys_cudnn_explicitly(dispatch):
+    """The dispatch itself: ``auto`` on a CUDA tensor asks ``rent_plan``, runs the rented calls without cuDNN and
+    the later ones with cuDNN put first (not PyTorch's pick of the moment: flash once ComfyUI's attention ran)."""
+    q = on_cuda(JOINT)
     assert q.is_cuda
     n = calls_to_buy(JOINT)
     results = [attn.attention(q, q, q, None, "auto") for _ in range(n + 2)]
-    assert results == ["rented"] * n + ["sdpa"] * 2
-    calls.clear()
-    fresh = torch.Tensor._make_subclass(OnCuda, torch.zeros(1, 30, 4096, 128, dtype=torch.bfloat16))
-    assert attn.attention(fresh, fresh, fresh, None, "sdpa") == "sdpa" and calls == ["sdpa"]
+    assert results == ["rented"] * n + ["cudnn"] * 2
+    dispatch.clear()
+    fresh = on_cuda((1, 30, 4096, 128))
+    assert attn.attention(fresh, fresh, fresh, None, "sdpa") == "cudnn" and dispatch == ["cudnn"]  # no renting
+    dispatch.clear()
+    assert attn.attention(fresh, fresh, fresh, None, "flash") == "sdpa"  # pinned backends: their context decides
+    cpu = torch.zeros(1, 2, 16, 8)
+    assert attn.attention(cpu, cpu, cpu, None, "auto") == "sdpa" and attn.attention(cpu, cpu, cpu, None, "sdpa")
+    assert dispatch == ["sdpa"] * 3
+
+
+def test_where_pytorch_does_not_prefer_cudnn_auto_is_its_pick_and_counts_nothing(dispatch, monkeypatch):
+    monkeypatch.setattr(attn, "cudnn_preferred", lambda device: False)
+    q = on_cuda(JOINT)
+    assert [attn.attention(q, q, q, None, b) for b in ("auto", "sdpa", "auto")] == ["sdpa"] * 3
+    assert attn._RENTED.__dict__ == {}
+
+
+def test_compiled_code_and_warm_up_threads_never_switch_backends(dispatch, monkeypatch):
+    q = on_cuda(JOINT)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.extend(attn.attention(q, q, q, None, b) for b in ("auto", "sdpa")),
+                              name=attn.WARM_UP_THREAD)
+    thread.start()
+    thread.join()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    seen += [attn.attention(q, q, q, None, b) for b in ("auto", "sdpa")]
+    assert seen == ["sdpa"] * 4
+
+
+def test_cudnn_first_orders_the_backends_for_the_call_and_restores_them(monkeypatch):
+    """``sdpa_cudnn_first``: inside, cuDNN first and all four backends on; after (and after an error), the backends
+    it found on, in the order it found them, and one the user had turned off stays off (PyTorch's context moves a
+    disabled backend to the end of its order: no backend runs in another order for it)."""
+    from torch.nn.attention import SDPBackend as B
+
+    cuda = torch.backends.cuda
+    enabled = {int(B.FLASH_ATTENTION): cuda.flash_sdp_enabled, int(B.CUDNN_ATTENTION): cuda.cudnn_sdp_enabled,
+               int(B.EFFICIENT_ATTENTION): cuda.mem_efficient_sdp_enabled, int(B.MATH): cuda.math_sdp_enabled}
+
+    def effective():  # the backends SDPA may run, in the order it tries them
+        return [b for b in torch._C._get_sdp_priority_order() if b in enabled and enabled[b]()]
+
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(effective()) or real(*a, **kw))
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    was = cuda.mem_efficient_sdp_enabled()
+    try:
+        cuda.enable_mem_efficient_sdp(False)
+        before = effective()
+        assert int(B.EFFICIENT_ATTENTION) not in before
+        out = attn.sdpa_cudnn_first(q, k, v, None)
+        assert seen == [[int(b) for b in (B.CUDNN_ATTENTION, B.FLASH_ATTENTION, B.EFFICIENT_ATTENTION, B.MATH)]]
+        assert torch.equal(out, real(q, k, v))
+        assert effective() == before
+        with pytest.raises(RuntimeError):
+            attn.sdpa_cudnn_first(q, k[..., :4], v, None)
+        assert effective() == before
+    finally:
+        cuda.enable_mem_efficient_sdp(was)
+
+
+@pytest.mark.parametrize("capability, version, env, preferred", [
+    ((9, 0), 91900, None, True),  # H100, H200, cuDNN 9.19 (the lent machine's)
+    ((10, 0), 91501, None, True),  # B200
+    ((10, 3), 91600, None, True),
+    ((9, 0), 91500, None, False),  # before 9.15.1's fix for lengths not a multiple of 128
+    ((9, 0), 91900, "1", False),  # PyTorch's own switch
+    ((9, 0), 91900, "0", True),
+    ((8, 9), 91900, None, False),  # RTX 40xx, L4: flash
+    ((8, 0), 91900, None, False),  # A100
+    ((12, 0), 91900, None, False),  # RTX 50xx
+    ((9, 0), None, None, False),  # no cuDNN
+])
+def test_cudnn_preferred_follows_pytorchs_rule(monkeypatch, capability, version, env, preferred):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: version is not None)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: version)
+    if env is None:
+        monkeypatch.delenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDNN_SDPA_DEPRIORITIZED", env)
+    assert attn.cudnn_preferred.__wrapped__(torch.device("cuda", 0)) is preferred

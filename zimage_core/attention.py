@@ -1,31 +1,43 @@
 """One attention dispatch for every transformer path (the reference denoiser, the fast one, ComfyUI's model).
 
-A backend name picks a kernel: ``sdpa`` lets PyTorch's ``scaled_dot_product_attention`` choose, ``auto`` does too
-except for a new shape's first calls (below), the others pin one SDPA backend (``cudnn``, ``flash``, ``efficient``,
-``math``). A kernel of our own (an fp8 attention, say) registers under a new name with ``register`` and is then
-called by the same block maths.
+A backend name picks a kernel: ``sdpa`` is PyTorch's ``scaled_dot_product_attention`` with the backend order PyTorch
+gives the GPU (below), ``auto`` too except for a new shape's first calls (below), the others pin one SDPA backend
+(``cudnn``, ``flash``, ``efficient``, ``math``). A kernel of our own (an fp8 attention, say) registers under a new
+name with ``register`` and is then called by the same block maths.
 
 SDPA backends are chosen by a context around the whole transformer call (``backend_context``), not inside the
 block function, so a compiled block stays one graph whatever the backend.
 
-``auto``'s first calls: on Hopper and newer PyTorch picks cuDNN's attention, the fastest here (H100, 4224 tokens:
-495 us a call against flash's 866, ``benchmarks/results/lowp_h100.json``), but cuDNN builds an execution plan on
-the first call of each shape and keeps it per thread (PyTorch's ``MHA.cpp``: a ``thread_local`` cache; measured:
-a plan built in another thread does not serve the sampler's, so a warm-up thread cannot build it): 50-62 ms a
-shape on the H100 (``users_part4_h100.json``, warm-up costs), ~250 ms on the H200 with an older PyTorch
+``auto``'s first calls: on Hopper and newer PyTorch puts cuDNN's attention first, the fastest here (H100, 4224
+tokens: 495 us a call against flash's 866, ``benchmarks/results/lowp_h100.json``), but cuDNN builds an execution
+plan on the first call of each shape and keeps it per thread (PyTorch's ``MHA.cpp``: a ``thread_local`` cache;
+measured: a plan built in another thread does not serve the sampler's, so a warm-up thread cannot build it): 50-62 ms
+a shape on the H100 (``users_part4_h100.json``, warm-up costs), ~250 ms on the H200 with an older PyTorch
 (``raw/first_image_diag_h200.json``), for three shapes an image (caption, image and joint lengths). So in eager
 mode ``auto`` rents before it buys: a shape's calls run without cuDNN (flash, or what PyTorch picks next) until
 the time they lost against cuDNN, estimated from their FLOPs at the H100's measured rates, reaches one plan's
-cost; from then on PyTorch's pick (cuDNN, plan built once) runs. Where the plan costs what the constant says (the
-H100's), a shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's
-first image and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned backend gives
-bit-identical reruns from the first image on. Work captured into a CUDA graph (our sampler's steps from a shape's
-second image) buys at once (``plans_bought``): a graph keeps its kernels for every replay.
+cost; from then on cuDNN runs (plan built once). Where the plan costs what the constant says (the H100's), a
+shape's first calls cost at most about twice the best choice made in hindsight. The price: a shape's first image
+and later ones differ by bf16 rounding (another kernel); ``sdpa`` or a pinned backend gives bit-identical reruns
+from the first image on. Work captured into a CUDA graph (our sampler's steps from a shape's second image) buys at
+once (``plans_bought``): a graph keeps its kernels for every replay.
+
+Buying asks for cuDNN explicitly (``sdpa_cudnn_first``) rather than trusting PyTorch's pick of the moment. Recent
+PyTorch moves cuDNN first on the first SDPA call of a process, once (``priority_order_init_`` in its
+``sdp_utils.cpp``), and a ``sdpa_kernel(..., set_priority=True)`` context entered before that call restores, on
+leaving, the order it found: flash first, for the rest of the process. ComfyUI 0.33's own attention is such a
+context and runs first (the text encoder; with Accelerate, the first transformer call too). Measured on the H100
+beside ComfyUI 0.33.0 (``users_part5_h100.json``): ``auto``, ``sdpa`` and ``flash`` gave bit-identical latents at
+one speed, and native ComfyUI with cuDNN put first ran 1.115x its own default. So ``sdpa`` too puts cuDNN first
+where PyTorch's own rule would (``cudnn_preferred``): PyTorch's choice for the GPU, not what ComfyUI left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import os
 import threading
 from collections.abc import Callable
 
@@ -93,9 +105,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kernel = _KERNELS.get(backend)
     if kernel is not None:
         return kernel(q, k, v, mask)
-    if backend == "auto" and q.is_cuda and rent_plan(q, k, v, mask):
-        return sdpa_without_cudnn(q, k, v, mask)
+    if backend in ("auto", "sdpa") and q.is_cuda and cudnn_preferred(q.device) and _may_switch():
+        if backend == "auto" and rent_plan(q, k, v, mask):
+            return sdpa_without_cudnn(q, k, v, mask)
+        return sdpa_cudnn_first(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _may_switch() -> bool:
+    """Whether this call may switch SDPA's process-wide backend state: not while compiling (a compiled block stays
+    one graph; Inductor picks its kernel), nor in a warm-up thread (its small calls gain nothing, and a switch would
+    reach whatever the workflow runs meanwhile in the sampling thread)."""
+    return not torch.compiler.is_compiling() and threading.current_thread().name != WARM_UP_THREAD
+
+
+@functools.cache
+def cudnn_preferred(device: torch.device) -> bool:
+    """Whether PyTorch itself puts cuDNN's attention first on ``device`` (PyTorch 2.14's
+    ``check_prefer_cudnn_attention``: compute capability 9.0, 10.0 or 10.3, the datacenter Hopper and Blackwell
+    GPUs, with a cuDNN newer than 9.15.0, whose 9.15.1 fixed lengths that are not a multiple of 128, unless
+    ``TORCH_CUDNN_SDPA_DEPRIORITIZED=1``), and this PyTorch can order SDPA's backends. Elsewhere ``auto`` and
+    ``sdpa`` are PyTorch's pick as it stands (flash on the RTX cards)."""
+    from torch.nn.attention import sdpa_kernel
+
+    if os.environ.get("TORCH_CUDNN_SDPA_DEPRIORITIZED", "0") not in ("", "0"):
+        return False
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        return False
+    version = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    major, minor = torch.cuda.get_device_capability(device)
+    return bool(version and version > 91500 and major in (9, 10) and minor in (0, 3))
 
 
 def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -122,7 +161,7 @@ def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 @contextlib.contextmanager
 def plans_bought():
-    """``auto`` rents nothing inside: PyTorch's pick (cuDNN, its plan built at once) runs from the first call. For
+    """``auto`` rents nothing inside: cuDNN (where preferred; its plan built at once) runs from the first call. For
     work captured into a CUDA graph, which keeps the kernel of capture time for every replay."""
     was = getattr(_RENTED, "buying", False)
     _RENTED.buying = True
@@ -130,6 +169,16 @@ def plans_bought():
         yield
     finally:
         _RENTED.buying = was
+
+
+def sdpa_cudnn_first(q, k, v, mask):
+    """SDPA with cuDNN's attention first, then flash, memory-efficient and math (PyTorch's order where it prefers
+    cuDNN), for this call; the backends and the order it found are restored on leaving."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with _SWITCH, sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def sdpa_without_cudnn(q, k, v, mask):
