@@ -53,11 +53,12 @@ from .options import ATTENTION_BACKENDS
 PLAN_COST_S = 0.06
 LOST_S_PER_FLOP = 1 / 316e12 - 1 / 554e12
 _RENTED = threading.local()  # per thread, as cuDNN's plans: shape key -> FLOPs run without cuDNN
-# SDPA's cuDNN flag is process-wide: two threads of ours must not interleave off and back on. Other writers of the
-# flag (``sdpa_kernel`` contexts, ComfyUI's own attention) are not ordered by it: harmless in ComfyUI, whose one
-# worker thread runs the sampler, and at worst another kernel for one call.
+# SDPA's backend flags and order are process-wide: two threads of ours must not interleave a switch and its
+# restore (``sdpa_without_cudnn``, ``sdpa_cudnn_first``). Other writers of the flags (``sdpa_kernel`` contexts,
+# ComfyUI's own attention) are not ordered by it: harmless in ComfyUI, whose one worker thread runs the sampler, and
+# at worst another kernel for one call.
 _SWITCH = threading.RLock()
-WARM_UP_THREAD = "zimage-warm-up"  # the warm-up threads' name: they never switch the flag (see ``rent_plan``)
+WARM_UP_THREAD = "zimage-warm-up"  # the warm-up threads' name: they never switch the flags (``_may_switch``)
 
 # name -> fn(q, k, v, mask) with q/k/v [B, heads, S, head_dim] and mask None or bool [B, 1, 1, S]
 _KERNELS: dict[str, Callable] = {}
@@ -139,10 +140,9 @@ def cudnn_preferred(device: torch.device) -> bool:
 
 def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether this call of ``auto`` should still run without cuDNN (see the module's docstring): True until this
-    thread's calls of the same shapes, strides and dtype have lost one plan's cost; never while compiling (a
-    compiled block stays one graph), nor in a warm-up thread (its small calls gain nothing, and the switch, being
-    process-wide, would reach whatever the workflow runs meanwhile in the sampling thread)."""
-    if torch.compiler.is_compiling() or threading.current_thread().name == WARM_UP_THREAD:
+    thread's calls of the same shapes, strides and dtype have lost one plan's cost; never where no switch may be
+    made (``_may_switch``: compiling, a warm-up thread)."""
+    if not _may_switch():
         return False
     seen = getattr(_RENTED, "flops", None)
     if seen is None:
