@@ -324,18 +324,19 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     ck = lambda m: node_output(ModelAttentionBackend().patch(m, "comfy kitchen attention"))  # noqa: E731
     variants = {"native_bf16": bf16, "native_fp8fast": fp8, "native_int8cr": int8, "native_int8cr_ck_attention":
                 ck(int8), "native_fp8fast_ck_attention": ck(fp8),
-                "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor")),
-                "ours_fp8": accel_mod.accelerate(fp8)[0], "ours_int8cr": accel_mod.accelerate(int8)[0],
-                "ours_int8cr_ck_attention": accel_mod.accelerate(ck(int8))[0]}
+                "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor"))}
+    accels = {"ours_fp8": accel_mod.accelerate(fp8), "ours_int8cr": accel_mod.accelerate(int8),
+              "ours_int8cr_ck_attention": accel_mod.accelerate(ck(int8))}
+    variants |= {name: fast for name, (fast, _) in accels.items()}
     first, latents, times = {}, {}, {name: [] for name in variants}
     for name, patcher in variants.items():
         mm.unload_all_models()
         first[name], latents[name] = sample(patcher)
         settle(name, patcher, sample, args.steps)
         print(f"{kind} {name}: first call {first[name]:.2f} s", flush=True)
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # the latents of the last round: a first call may run ComfyUI's own blocks (warm-up)
         for name, patcher in variants.items():
-            seconds, _ = sample(patcher)
+            seconds, latents[name] = sample(patcher)
             times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = latents["native_bf16"]
@@ -350,7 +351,10 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
                f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
                f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
     print(f"{kind}: medians {json.dumps(med)}; rel-L2 vs bf16 {json.dumps(rel)}", flush=True)
-    return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel,
+    ran = {name: {k: accel.report()[k] for k in ("weight_dtypes", "native_blocks", "fallbacks")}
+           for name, (_, accel) in accels.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
+    print(f"{kind}: ours ran {json.dumps(ran)}", flush=True)
+    return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel, "ours_ran": ran,
             "best_native": best_native, "best_ours": best_ours, "lowp_metrics": metrics}
 
 

@@ -67,7 +67,7 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
     # fp8 matmuls where the user asked, or where ComfyUI itself multiplies in fp8 (fp8_e4m3fn_fast, comfy_quant)
     wanted = fp8_matmul or fp8_auto(model, diffusion_model)
     if wanted:
-        usable, why = fp8_matmul_usable(stored_dtype(diffusion_model.layers[0].attention.qkv.weight),
+        usable, why = fp8_matmul_usable(stored_dtype(diffusion_model.layers[0].attention.qkv),
                                         model.load_device)
         if not usable:
             log.info("Z-Image Accelerate: fp8 matmul is off: %s", why)

@@ -67,20 +67,28 @@ def test_fp8_matmul_takes_per_tensor_and_per_row_weight_scales():
         assert err < 0.06, (scale, err)  # e4m3 activations: a few percent
 
 
-def test_dynamic_vram_fp8_parameter_runs_the_fp8_matmul():
-    """Under ComfyUI's dynamic VRAM the module's Parameter holds the file's bf16 tensor and is marked with the
-    model's dtype (``_model_dtype``); the provider must read that mark on the Parameter (its ``.data`` is a new
-    tensor without it) and fetch the weight in fp8 for our fp8 matmul."""
+def test_dynamic_vram_fp8_weight_runs_the_fp8_matmul():
+    """Under ComfyUI's dynamic VRAM a layer of an fp8 model holds the file's bf16 tensor and the model's dtype is a
+    mark (the node's ``stored_dtype`` reads it: tests/test_native.py's ``dynamic_lazy_fp8`` on ComfyUI's own lazy
+    layers). The provider asks its owner for the dtype of the layer, not of the tensor, and then fetches the weight in
+    fp8 for our fp8 matmul (reading the tensor's dtype turned it off: fp8_e4m3fn_fast ran cast to bf16, H100)."""
     from torch import nn
 
     from zimage_core.native import CastWeights
 
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
     linear = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
-    linear.weight._model_dtype = torch.float8_e4m3fn
-    provider = CastWeights(lambda *a: None, lambda *a: None, fp8_matmul=True,
-                           stored_dtype=lambda w: getattr(w, "_model_dtype", None) or w.dtype)
-    mode, dtype, *_ = provider._mode(linear, torch.zeros(1, 64, dtype=torch.bfloat16))
-    assert (mode, dtype) == ("fp8", torch.float8_e4m3fn)
+    linear.weight_comfy_model_dtype = torch.float8_e4m3fn
+    asked = []
+
+    def stored_dtype(module):
+        asked.append(module)
+        return module.weight_comfy_model_dtype
+
+    provider = CastWeights(lambda *a: None, lambda *a: None, fp8_matmul=True, stored_dtype=stored_dtype)
+    mode, dtype, *_ = provider._mode(linear, x)
+    assert (mode, dtype) == ("fp8", torch.float8_e4m3fn) and asked == [linear]
+    assert CastWeights(lambda *a: None, lambda *a: None)._mode(linear, x)[:2] == ("float", torch.bfloat16)  # default
     provider.fp8_matmul = False
     provider._modes.clear()
-    assert provider._mode(linear, torch.zeros(1, 64, dtype=torch.bfloat16))[:2] == ("float", torch.bfloat16)
+    assert provider._mode(linear, x)[:2] == ("float", torch.bfloat16)

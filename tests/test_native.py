@@ -16,7 +16,8 @@ latents are compared here:
   least as near the unquantized model), omni calls with reference latents (0.33), a padded caption batch (0.33;
   0.3.75's own attention fails on it), ``ModelAttentionBackend``'s attention inside our blocks (0.33), dynamic
   VRAM's cast (faked: comfy-aimdo needs a CUDA device; its marks on every module make ComfyUI's ``cast_bias_weight``
-  take its dynamic branch), and 0.3.75's all-ones caption mask;
+  take its dynamic branch; also on an fp8 model built by ComfyUI's lazy layers, whose tensor is the file's and whose
+  fp8 dtype is a mark the node must read), and 0.3.75's all-ones caption mask;
 - fp16 with planted overflows: native is NaN (0.3.75) or clamped (0.33.0); ours with ``auto`` is finite and within
   1e-2 of fp32, with exactly the planted blocks made sticky;
 - a non-Z-Image MODEL is refused with our error.
@@ -348,6 +349,23 @@ def users_cases(base, accel_mod, sample, positive, negative, cap_dim, gen, inp, 
                     module.comfy_cast_weights = True
             fast, _ = pair(name, dyn)
             cases[name]["clone_weight_dtype"] = str(fast.model.diffusion_model.layers[0].attention.qkv.weight.dtype)
+        # and built as dynamic VRAM builds it: ComfyUI's lazy layers hold the file's tensor (fp32 here, bf16 for
+        # users) and mark the model's dtype, fp8, on the module; the node must read the mark (it read the tensor's
+        # dtype and ran fp8_e4m3fn_fast on weights cast to bf16: H100). On the CPU both sides cast the file's tensor.
+        import comfy.memory_management
+
+        comfy.memory_management.aimdo_enabled = True
+        try:
+            lazy = accel_mod_model(sd, torch.float8_e4m3fn)
+        finally:
+            comfy.memory_management.aimdo_enabled = False
+        for module in lazy.model.diffusion_model.modules():
+            if hasattr(module, "comfy_cast_weights"):
+                module._v = object()
+                module.comfy_cast_weights = True
+        qkv = lazy.model.diffusion_model.layers[0].attention.qkv
+        pair("dynamic_lazy_fp8", lazy)
+        cases["dynamic_lazy_fp8"] |= {"tensor_dtype": str(qkv.weight.dtype), "stored_dtype": str(accel_mod.stored_dtype(qkv))}
     # ComfyUI 0.3.75's caption mask: the CLIP text encoder's all-ones mask reaches the caption refiner
     pair("caption_mask", base, positive=[[positive[0][0], {"attention_mask": torch.ones(1, 19, dtype=torch.long)}]])
 
@@ -510,7 +528,7 @@ if __name__ != "__main__":
     USERS = {"0.3.75": ["fp8_weight_dtype", "legacy_scaled_fp8", "caption_mask"],
              "0.33.0": ["fp8_weight_dtype", "legacy_scaled_fp8", "comfy_quant_float8_e4m3fn", "comfy_quant_int8_convrot",
                         "omni_cfg1", "omni_cfg3", "padded_batch", "attention_backend", "dynamic_marks", "dynamic_marks_fp8",
-                        "caption_mask"]}
+                        "dynamic_lazy_fp8", "caption_mask"]}
     # within the format's rounding where ComfyUI's own quantized matmul differs from ours on the CPU: ComfyUI's int8
     # linear quantizes the activations too (0.4% rel-L2 here), ours multiplies the dequantized weight
     TOLERANCE = {"comfy_quant_int8_convrot": 0.02}
@@ -554,6 +572,9 @@ if __name__ != "__main__":
                 assert users[name]["fetched_blocks"] == users[name]["fast_blocks"] > 0, users[name]
             fp8 = users["dynamic_marks_fp8"]  # an fp8 weight_dtype under dynamic VRAM stays fp8 (issue 26)
             assert fp8["clone_weight_dtype"] == "torch.float8_e4m3fn", fp8
+            lazy = users["dynamic_lazy_fp8"]  # the file's tensor, the model's dtype marked: the node reads fp8
+            assert (lazy["tensor_dtype"], lazy["stored_dtype"]) == ("torch.float32", "torch.float8_e4m3fn"), lazy
+            assert lazy["fetched_blocks"] == lazy["fast_blocks"] > 0, lazy
 
     def test_fp16_planted_overflow_native_breaks_guard_repairs(native_run):
         version, results, t, _ = native_run

@@ -198,15 +198,15 @@ class CastWeights(ModuleWeights):
       row), and an int8 weight's Hadamard group (int8_convrot).
     - ``attention(transformer_options, heads) -> function or None``: ComfyUI's attention dispatch when another node
       chose an attention.
-    - ``stored_dtype(weight) -> dtype``: the dtype the owner keeps a plain weight in (under ComfyUI's dynamic VRAM the
-      module's tensor is the file's, and the model's dtype, fp8 say, is what ``cast`` gives).
+    - ``stored_dtype(module) -> dtype``: the dtype the owner keeps a layer's plain weight in (under ComfyUI's dynamic
+      VRAM the module's tensor is the file's, and the model's dtype, fp8 say, is what ``cast`` gives).
 
     A block whose weights are all plain tensors on the compute device is read directly (no per-op calls)."""
 
     def __init__(self, cast, uncast, quantized=None, raw=None, attention=None, fp8_matmul: bool = True,
                  stored_dtype=None):
         self.cast, self.uncast = cast, uncast
-        self.stored_dtype = stored_dtype or (lambda weight: weight.dtype)  # the dtype the owner keeps it in
+        self.stored_dtype = stored_dtype or (lambda module: module.weight.dtype)  # the dtype the owner keeps it in
         self._quantized, self.raw, self._attention = quantized, raw, attention
         self.fp8_matmul = fp8_matmul  # raw fp8 weights may multiply in fp8 (else they are cast per op)
         self._modes: dict[int, tuple] = {}  # id(module) -> (weight identity, mode, dtype, scale, reason)
@@ -236,9 +236,9 @@ class CastWeights(ModuleWeights):
                 result = ("quantized", x.dtype, None, None, None)
             else:  # the raw e4m3 or int8 data for our matmuls
                 result = ("quantized", detail[0], None, detail[1], None)
-        # the owner's dtype of the parameter itself: ComfyUI's dynamic VRAM marks the Parameter (``_model_dtype``),
-        # and ``.data`` is a new tensor without the mark (fp8_e4m3fn_fast then ran cast to bf16, on an H100)
-        elif self.stored_dtype(weight) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
+        # the dtype the owner keeps the weight in, not the tensor's: under ComfyUI's dynamic VRAM the module holds
+        # the file's bf16 tensor of an fp8_e4m3fn_fast model (then ran cast to bf16 per op, on an H100)
+        elif self.stored_dtype(module) == torch.float8_e4m3fn and not functions and self.fp8_matmul:
             result = ("fp8", torch.float8_e4m3fn, scale, None, None)
         else:  # float, e5m2, or fp8 under a per-op LoRA: cast to the compute dtype per op
             result = ("float", x.dtype, scale, None, None)
