@@ -86,11 +86,11 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
     negative = [[torch.randn(1, 19, cap_dim, generator=gen), {}]]
 
     def sample(model, sampler="euler", cfg=1.0, batch=1, denoise=1.0, h=8, w=8, seed=3, positive=positive,
-               negative=negative):
+               negative=negative, steps=STEPS):
         gen = torch.Generator().manual_seed(11)
         latent = torch.randn(batch, 16, h, w, generator=gen) if denoise < 1 else torch.zeros(batch, 16, h, w)
         noise = comfy.sample.prepare_noise(latent, seed)
-        return comfy.sample.sample(model, noise, STEPS, cfg, sampler, "simple", positive, negative, latent,
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", positive, negative, latent,
                                    denoise=denoise, disable_pbar=True, seed=seed).float()
 
     def report(accel):
@@ -133,6 +133,17 @@ def comfy_side(root: Path, inp: Path, out: Path) -> None:
         cli_args.args.verbose = verbose
         accel_mod.NativeAccelerator.start_warm_up = real_start
     results["background_warm_up_safe"] = safe
+    # when the armed warm-up starts in ComfyUI's sampler (none is armed on the CPU: a recording one here, done at
+    # once): as a short schedule's last call returns, after a long one's first call (native.warm_up_due)
+    warm_up_starts = {}
+    for steps in (STEPS, 24):
+        fast_w, accel_w = accel_mod.accelerate(base, compile=False)
+        started = []
+        accel_w._warm_up_start = lambda started=started, accel_w=accel_w: started.append(accel_w.warming_calls)
+        sample(fast_w, steps=steps, cfg=3.0)  # cond and uncond in one call a step
+        warm_up_starts[steps] = {"started_after_calls": started, "warming_calls": accel_w.warming_calls,
+                                 "fast_blocks": accel_w.report()["fast_blocks"]}
+    results["warm_up_starts"] = warm_up_starts
     results["wrapper_on_input"] = accel_mod.WRAPPER_KEY in json.dumps(base.wrappers, default=str)
     results["wrapper_on_clone"] = accel_mod.WRAPPER_KEY in json.dumps(fast.wrappers, default=str)
 
@@ -628,6 +639,15 @@ if __name__ != "__main__":
         assert results["background_warm_up_safe"] == {"dynamic_info": [True, True], "dynamic_debug": [False, False],
                                                       "dynamic_detail": [False, False],
                                                       "static_debug": [True, True]}
+
+    def test_warm_up_starts_after_a_short_schedule_or_the_first_call_of_a_long_one(native_run):
+        """Beside ComfyUI's blocks our warm-up slows them (GIL) more than a short first image's remaining steps of
+        ours win back: an 8-step-like schedule runs ComfyUI's blocks to its end and starts it as its last call
+        returns; a long one (base's 28 steps) starts it after the first call and runs ours after that."""
+        _, results, _, _ = native_run
+        short, long = results["warm_up_starts"][str(STEPS)], results["warm_up_starts"]["24"]
+        assert short == {"started_after_calls": [STEPS], "warming_calls": STEPS, "fast_blocks": 0}, short
+        assert long["started_after_calls"] == [1] and long["warming_calls"] == 1 and long["fast_blocks"] > 0, long
 
     def test_non_zimage_model_is_refused(native_run):
         _, results, _, _ = native_run

@@ -277,3 +277,18 @@ def test_a_first_call_that_fails_still_starts_the_warm_up_and_raises(monkeypatch
     assert started == [True] and accel._warm_up_start is None and accel.warming_calls == 1
     with pytest.raises(_Stop):  # the next call is ours
         accel.call(_NoModel(), interrupted)
+
+
+def test_warm_up_due_after_a_short_schedules_last_call_or_a_long_ones_first():
+    """``warm_up_due`` reads the schedule's length from ComfyUI's ``sample_sigmas`` (steps + 1 sigmas)."""
+    from zimage_core.native import EARLY_WARM_UP_STEPS, warm_up_due
+
+    def options(steps):
+        return {"sample_sigmas": torch.linspace(1, 0, steps + 1)}
+
+    assert [warm_up_due(options(8), call) for call in range(1, 9)] == [False] * 7 + [True]
+    assert warm_up_due(options(9), 9) and warm_up_due(options(8), 12)  # two calls a step: from half way
+    long = EARLY_WARM_UP_STEPS + 1
+    assert warm_up_due(options(long), 1) and not warm_up_due(options(long - 1), 1)
+    for unknown in (None, {}, {"sample_sigmas": None}, {"sample_sigmas": [1.0, 0.0]}):
+        assert warm_up_due(unknown, 1)  # no schedule: after the first call, as before

@@ -487,15 +487,19 @@ class NativeAccelerator:
                                      or (self._warm_up is not None and self._warm_up.is_alive())):
             # Never wait for our own start-up. The first call is ComfyUI's own: it loads or streams in the weights,
             # CPU work our warm-up would slow by contending for Python's lock (H100, first image: the first step
-            # took 0.3-0.45 s longer with the warm-up running beside it); the warm-up starts as it returns and runs
-            # beside the next calls, mostly GPU-bound (H100: the one beside it took 0.25 s, not 0.12), while ComfyUI's
-            # blocks still run them (a JIT running its interpreter until the compiled code is ready). Not with a
-            # precision guard, whose checks the user asked for on every call: it starts the warm-up and waits.
+            # took 0.3-0.45 s longer with the warm-up running beside it). Started as a call returns, the warm-up
+            # still slows the calls beside it (``warm_up_due``), while ComfyUI's blocks run them (a JIT running its
+            # interpreter until the compiled code is ready). Not with a precision guard, whose checks the user asked
+            # for on every call: it starts the warm-up and waits.
             self.warming_calls += 1
             try:
-                return run()
-            finally:
+                out = run()
+            except BaseException:  # an interrupted sampling leaves no armed warm-up behind
                 self._begin_warm_up()
+                raise
+            if warm_up_due(transformer_options, self.warming_calls):
+                self._begin_warm_up()
+            return out
         if self._warm_up_start is not None or self._warm_up is not None:
             from .fast_denoiser import wait_warm_ups
 
@@ -578,6 +582,27 @@ class NativeAccelerator:
         self.fast_runs = self.native_runs = self.fetched_runs = self.warming_calls = 0
         self.fallbacks.clear()
         self.weight_dtypes.clear()
+
+
+# ``warm_up_due``: started beside ComfyUI's blocks, our kernel warm-up (0.6 s) slows them by contending for Python's
+# lock: on the H100 at 1024² (users_part6_h100.json, ``first``) the step beside it took 0.22-0.28 s, not 0.12, and
+# the steps it overlapped cost 0.15-0.18 s more in all, while each later step of ours gains 0.012-0.02 s in a first
+# image: the warm-up pays for itself only with about 15 steps still to run after it. A schedule with fewer left runs
+# ComfyUI's blocks to its end, and the warm-up starts as the last call returns.
+EARLY_WARM_UP_STEPS = 20
+
+
+def warm_up_due(transformer_options: dict | None, calls: int) -> bool:
+    """Whether the armed kernel warm-up should start as this call returns, the ``calls``-th of the first sampling:
+    after the first call where the schedule (ComfyUI's ``sample_sigmas``, read by its shape: no GPU sync) has at
+    least ``EARLY_WARM_UP_STEPS`` steps left, else after its last step's call (one call a step, cond and uncond
+    batched; a sampler with two calls a step starts it half way), and after the first call where the schedule is
+    unknown."""
+    sigmas = (transformer_options or {}).get("sample_sigmas")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        return True
+    left = sigmas.shape[0] - 1 - calls
+    return left <= 0 or (calls == 1 and left >= EARLY_WARM_UP_STEPS)
 
 
 def fp8_matmul_usable(weight_dtype: torch.dtype, device) -> tuple[bool, str]:
