@@ -307,9 +307,9 @@ def native_attention_first(name):
 def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     """Issue 23 end to end, one process, one weight distribution (``lowp``: normal 1/sqrt(fan_in), ``lowp_uniform``:
     uniform of the same variance): native 0.33.0's quantized paths (UNETLoader fp8_e4m3fn_fast, + TorchCompileModel,
-    the int8_convrot file, each + comfy-kitchen int8 attention through ModelAttentionBackend) against ours
-    (Accelerate on the same MODELs: fp8 and int8 W8A8 matmuls with fused quantization), medians of interleaved
-    rounds, each latent's rel-L2 to native bf16 on the same weights."""
+    the int8_convrot file, each + comfy-kitchen int8 attention through ModelAttentionBackend, a comfy_quant e4m3
+    file) against ours (Accelerate on the same MODELs: fp8 and int8 W8A8 matmuls with fused quantization), medians
+    of interleaved rounds, each latent's rel-L2 to native bf16 on the same weights, each path's weight memory."""
     import torch
     from bench_native import node_output
     from common import rel_l2
@@ -324,19 +324,25 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
 
     fp8 = load(f"bf16{suffix}.safetensors", dtype=torch.float8_e4m3fn, fp8_optimizations=True)
     int8 = load(f"int8cr{suffix}.safetensors")
+    cq_fp8 = load(f"cq_fp8{suffix}.safetensors")  # scaled e4m3 linears, bf16 norms: a user's fp8 checkpoint
     ck = lambda m: node_output(ModelAttentionBackend().patch(m, "comfy kitchen attention"))  # noqa: E731
     variants = {"native_bf16": bf16, "native_fp8fast": fp8, "native_int8cr": int8, "native_int8cr_ck_attention":
                 ck(int8), "native_fp8fast_ck_attention": ck(fp8),
-                "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor"))}
-    accels = {"ours_fp8": accel_mod.accelerate(fp8), "ours_int8cr": accel_mod.accelerate(int8),
+                "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor")),
+                "native_cq_fp8": cq_fp8}
+    accels = {"ours_fp8": accel_mod.accelerate(fp8), "ours_cq_fp8": accel_mod.accelerate(cq_fp8),
+              "ours_int8cr": accel_mod.accelerate(int8),
               "ours_int8cr_ck_attention": accel_mod.accelerate(ck(int8))}
     variants |= {name: fast for name, (fast, _) in accels.items()}
-    first, latents, times = {}, {}, {name: [] for name in variants}
+    first, latents, times, loaded = {}, {}, {name: [] for name in variants}, {}
     for name, patcher in variants.items():
         mm.unload_all_models()
         first[name], latents[name] = sample(patcher)
+        # what each path holds: TorchCompileModel's clone turns dynamic VRAM off, and ComfyUI's lazy layers then
+        # keep the file's bf16 tensors for the linears (CPU: ComfyUI 0.33.0, a lazily built fp8_e4m3fn_fast model)
+        loaded[name] = patcher.loaded_size() / GIB
         settle(name, patcher, sample, args.steps)
-        print(f"{kind} {name}: first call {first[name]:.2f} s", flush=True)
+        print(f"{kind} {name}: first call {first[name]:.2f} s, holds {loaded[name]:.2f} GiB", flush=True)
     for _ in range(args.rounds):  # the latents of the last round: a first call may run ComfyUI's own blocks (warm-up)
         for name, patcher in variants.items():
             seconds, latents[name] = sample(patcher)
@@ -348,8 +354,11 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     ours_q = {k: v for k, v in med.items() if k.startswith("ours_")}
     best_native, best_ours = min(native_q, key=native_q.get), min(ours_q, key=ours_q.get)
     metrics = {f"ours_steps8_fp8_s{suffix}": med["ours_fp8"], f"ours_steps8_int8_s{suffix}": med["ours_int8cr"],
+               f"ours_steps8_cq_fp8_s{suffix}": med["ours_cq_fp8"],
                f"fp8_speedup_vs_native033_best{suffix}": native_q[best_native] / ours_q[best_ours],
                f"ours_fp8_rel_l2_vs_bf16{suffix}": rel["ours_fp8"],
+               f"ours_cq_fp8_rel_l2_vs_bf16{suffix}": rel["ours_cq_fp8"],
+               f"native033_cq_fp8_rel_l2_vs_bf16{suffix}": rel["native_cq_fp8"],
                f"ours_int8_rel_l2_vs_bf16{suffix}": rel["ours_int8cr"],
                f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
                f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
@@ -358,6 +367,7 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
            for name, (_, accel) in accels.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
     print(f"{kind}: ours ran {json.dumps(ran)}", flush=True)
     return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel, "ours_ran": ran,
+            "loaded_gib": loaded,
             "best_native": best_native, "best_ours": best_ours, "lowp_metrics": metrics}
 
 
@@ -472,16 +482,20 @@ def prepare(args) -> dict:
     def tag(conf):
         return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
 
-    fp8 = dict(state)
-    for k in linears:
-        w = state[k].float()
-        scale = w.abs().amax() / 448.0
-        fp8[k] = (w / scale).to(torch.float8_e4m3fn)
-        fp8[k[:-len("weight")] + "weight_scale"] = scale.reshape(())
-        fp8[k[:-len("weight")] + "comfy_quant"] = tag({"format": "float8_e4m3fn"})
-    save_file({k: v.contiguous().cpu() for k, v in fp8.items()}, str(work / "cq_fp8.safetensors"))
-    del fp8
-    made = {"bf16": str(bf16), "cq_fp8": str(work / "cq_fp8.safetensors")}
+    made = {"bf16": str(bf16)}
+
+    def cq_fp8_file(state, name):  # comfy_quant e4m3, one scale per tensor, the linears only (norms stay bf16)
+        fp8 = dict(state)
+        for k in linears:
+            w = state[k].float()
+            scale = w.abs().amax() / 448.0
+            fp8[k] = (w / scale).to(torch.float8_e4m3fn)
+            fp8[k[:-len("weight")] + "weight_scale"] = scale.reshape(())
+            fp8[k[:-len("weight")] + "comfy_quant"] = tag({"format": "float8_e4m3fn"})
+        save_file({k: v.contiguous().cpu() for k, v in fp8.items()}, str(work / name))
+        made[name] = str(work / name)
+
+    cq_fp8_file(state, "cq_fp8.safetensors")
 
     def int8_file(state, name):
         from comfy_kitchen.tensor import TensorWiseINT8Layout
@@ -510,6 +524,7 @@ def prepare(args) -> dict:
         made["bf16_uniform"] = str(work / "bf16_uniform.safetensors")
         if args.comfy033:
             int8_file(state, "int8cr_uniform.safetensors")
+            cq_fp8_file(state, "cq_fp8_uniform.safetensors")
     made["prepare_s"] = time.perf_counter() - start
     return made
 

@@ -290,8 +290,10 @@ def stored_dtype(module) -> torch.dtype:
     the node decides before that, so reading the Parameter alone said bf16 and turned our fp8 matmul off (measured
     on an H100: fp8_e4m3fn_fast ran on weights cast to bf16 per op, 0.907 s where comfy_quant fp8 ran 0.721 s)."""
     weight = module.weight
-    return (getattr(weight, "_model_dtype", None) or getattr(module, "weight_comfy_model_dtype", None)
-            or getattr(weight, "_qdata", weight).dtype)
+    data = getattr(weight, "_qdata", None)
+    if data is not None:
+        return data.dtype
+    return getattr(weight, "_model_dtype", None) or getattr(module, "weight_comfy_model_dtype", None) or weight.dtype
 
 
 def fp8_auto(patcher, diffusion_model) -> bool:
