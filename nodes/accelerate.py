@@ -79,7 +79,7 @@ def accelerate(model, compile: bool = False, attention: str = "auto", cuda_graph
     clone = model.clone()  # as loaded: dynamic VRAM, weight dtype and scales stay ComfyUI's
     compute = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
     if background_warm_up_safe(model):
-        accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels' start-up: after the first call
+        accel.start_warm_up(diffusion_model, model.load_device, compute)  # our kernels: native.warm_up_due
     else:
         log.info("Z-Image Accelerate: no background warm-up under dynamic VRAM at %s verbosity; our kernels load on "
                  "the first call", console_log_level())
