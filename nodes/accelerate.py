@@ -126,8 +126,8 @@ class ZTurboAccelerate(io.ComfyNode):
                                        "B200), else PyTorch's pick (flash); a new image size's first calls skip "
                                        "cuDNN until its one-off plan (~0.06 s on an H100) would have paid off, so "
                                        "their bits differ from later ones by rounding. sdpa: the same choice from "
-                                       "the first call. A new process's first steps run ComfyUI's own blocks "
-                                       "whatever the choice."),
+                                       "the first call. A new process's first image (under 20 steps; a longer "
+                                       "one's first steps) runs ComfyUI's own blocks whatever the choice."),
                 io.Boolean.Input("cuda_graphs", default=False,
                                  tooltip="Not applied on ComfyUI's model (a graph would keep stale LoRA weights); "
                                          "accepted for saved workflows."),
