@@ -376,7 +376,8 @@ def users_cases(base, accel_mod, sample, positive, negative, cap_dim, gen, inp, 
                 module.comfy_cast_weights = True
         qkv = lazy.model.diffusion_model.layers[0].attention.qkv
         pair("dynamic_lazy_fp8", lazy)
-        cases["dynamic_lazy_fp8"] |= {"tensor_dtype": str(qkv.weight.dtype), "stored_dtype": str(accel_mod.stored_dtype(qkv))}
+        cases["dynamic_lazy_fp8"] |= {"tensor_dtype": str(qkv.weight.dtype),
+                                      "stored_dtype": str(accel_mod.stored_dtype(qkv))}
     # ComfyUI 0.3.75's caption mask: the CLIP text encoder's all-ones mask reaches the caption refiner
     pair("caption_mask", base, positive=[[positive[0][0], {"attention_mask": torch.ones(1, 19, dtype=torch.long)}]])
 

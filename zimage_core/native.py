@@ -585,7 +585,7 @@ class NativeAccelerator:
 
 
 # ``warm_up_due``: started beside ComfyUI's blocks, our kernel warm-up (0.6 s) slows them by contending for Python's
-# lock: on the H100 at 1024² (users_part6_h100.json, ``first``) the step beside it took 0.22-0.28 s, not 0.12, and
+# lock: on the H100 at 1024² (users_part6_h100.json, ``first``) the step beside it took 0.21-0.28 s, not 0.12, and
 # the steps it overlapped cost 0.15-0.18 s more in all, while each later step of ours gains 0.012-0.02 s in a first
 # image: the warm-up pays for itself only with about 15 steps still to run after it. A schedule with fewer left runs
 # ComfyUI's blocks to its end, and the warm-up starts as the last call returns.
