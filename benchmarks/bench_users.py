@@ -367,8 +367,9 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
                f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
                f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
     print(f"{kind}: medians {json.dumps(med)}; rel-L2 vs bf16 {json.dumps(rel)}", flush=True)
-    ran = {name: {k: accel.report()[k] for k in ("weight_dtypes", "native_blocks", "fallbacks")}
-           for name, (_, accel) in accels.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
+    reports = {name: accel.report() for name, (_, accel) in accels.items()}
+    ran = {name: {k: r[k] for k in ("weight_dtypes", "native_blocks", "fallbacks")}
+           for name, r in reports.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
     print(f"{kind}: ours ran {json.dumps(ran)}", flush=True)
     return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel, "ours_ran": ran,
             "loaded_gib": loaded,
