@@ -16,7 +16,7 @@ Setups (``--setups``): ``bf16``, ``fp8`` (UNETLoader ``weight_dtype`` fp8_e4m3fn
 comfy-kitchen's own quantizer), each with ``@12`` / ``@8`` for a simulated 12 / 8 GB card (``--reserve-vram`` so
 ComfyUI plans for that card, ``torch.cuda.set_per_process_memory_fraction`` so nothing can use more); ``base``
 (Z-Image base settings: cfg 4, 28 steps, a 97-token negative prompt); ``first`` (a new process's first image, native
-and ours, each in a process of its own: ``FIRST_ORDER``; also the steps after loading, and the next image); ``v075``
+and ours, each in a process of its own: ``first_order``; also the steps after loading, and the next image); ``v075``
 (ComfyUI 0.3.75's tree, bf16, as the second column).
 
     python benchmarks/bench_users.py --comfy033 DIR --comfy075 DIR --work /tmp/zb --out results.json
@@ -48,9 +48,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 GIB = 1024 ** 3
 CAP_TOKENS, NEG_TOKENS = 128, 97
 # the ``first`` setup's new processes: one untimed (the checkpoint into the page cache, Triton's cache built), then
-# native and ours in A B B A order twice (drift cancels; each process's loading step varies by ±0.1 s on the H100),
-# then ours with ``sdpa`` attention (cuDNN's plans at once)
-FIRST_ORDER = ("ours",) + ("native", "ours", "ours", "native") * 2 + ("ours_sdpa",)
+# native and ours in A B B A order ``--first-blocks`` times (drift cancels; each process's loading step varies by
+# ±0.1 s on the H100), then ours with ``sdpa`` attention (cuDNN's plans at once)
+def first_order(blocks: int) -> tuple[str, ...]:
+    return ("ours",) + ("native", "ours", "ours", "native") * blocks + ("ours_sdpa",)
 
 
 # =========================================================================================== the child: one setup
@@ -188,23 +189,35 @@ def child(args) -> dict:
     out = {"setup": args.child, "comfyui": comfyui_version.__version__, "budget_gib": budget,
            "reserve_vram_gib": reserve, "device_total_gib": total, "steps": steps, "cfg": cfg, "size": args.size}
 
-    def sample(patcher, step_times=None):
+    def sample(patcher, step_times=None, step_events=None):
         latent = torch.zeros(1, 16, size, size)
         noise = comfy.sample.prepare_noise(latent, 42)
         if not cpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
+        events = [] if step_events is not None and not cpu else None
+        if events is not None:  # step ends on the GPU's clock, without a synchronization between steps
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[0].record()
 
         def callback(step, x0, x, total):  # the end of each step (step_times: seconds since the start)
+            if events is not None:
+                events.append(torch.cuda.Event(enable_timing=True))
+                events[-1].record()
+                return
             if not cpu:
                 torch.cuda.synchronize()
             step_times.append(time.perf_counter() - start)
 
         x = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "simple", positive, negative, latent, seed=42,
-                                disable_pbar=True, callback=callback if step_times is not None else None)
+                                disable_pbar=True, callback=callback if step_times is not None or events is not None
+                                else None)
         if not cpu:
             torch.cuda.synchronize()
-        return time.perf_counter() - start, x.float()
+        seconds = time.perf_counter() - start
+        if events is not None:
+            step_events.extend(events[0].elapsed_time(e) / 1000 for e in events[1:])
+        return seconds, x.float()
 
     def held(patcher) -> float:
         try:
@@ -246,14 +259,20 @@ def child(args) -> dict:
         if name == "native":
             mm.unload_all_models()  # ours starts from the same state: the model is loaded by the sampler call
     repeat = {}  # run to run: each path against its own previous round (the noise floor of the comparison)
+    # per round: each step's end (s since the start, CUDA events), and the shapes ``auto`` had bought cuDNN's plan for after it
+    # (a slow round of ``auto`` beside none of ``sdpa``: a plan bought in it?)
+    step_ends, bought = {name: [] for name, _ in variants}, []
     for _ in range(args.rounds):
         for name, patcher in variants:
             previous = latents[name]
             with native_attention_first(name):
-                seconds, latents[name] = sample(patcher)
+                seconds, latents[name] = sample(patcher, step_events=(ends := []))
             times[name].append(seconds)
+            step_ends[name].append([round(t, 4) for t in ends])
             repeat[name] = rel_l2(latents[name], previous)
-    out["rel_l2_run_to_run"] = repeat
+            if name == "ours":
+                bought.append(auto_plans_bought())
+    out.update(rel_l2_run_to_run=repeat, step_ends_s=step_ends, auto_plans_bought_per_round=bought)
     if args.accuracy and kind == "bf16" and budget is None and not args.smoke and args.comfy_version == "0.33.0":
         out["accuracy"] = accuracy(args, model, accel_mod, sample, latents, mm)
     out["log"] = logs[-6:]
@@ -277,6 +296,13 @@ def child(args) -> dict:
     print(f"{args.child}: native {med['native']:.3f} s, ours {med['ours']:.3f} s ({out['speedup']:.3f}x), "
           f"rel-L2 {rel:.2e}, native blocks {report['native_blocks']}", flush=True)
     return out
+
+
+def auto_plans_bought() -> int:
+    """How many shapes ``auto`` attention has bought cuDNN's plan for in this thread (the sampler's)."""
+    attention = sys.modules.get("zimage_core.attention")
+    seen = getattr(getattr(attention, "_RENTED", None), "flops", None) or {}
+    return sum(done * attention.LOST_S_PER_FLOP >= attention.PLAN_COST_S for done in seen.values())
 
 
 def settle(name, patcher, sample, steps) -> None:
@@ -334,14 +360,22 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
                 ck(int8), "native_fp8fast_ck_attention": ck(fp8),
                 "native_fp8fast_compile": node_output(TorchCompileModel.execute(fp8, "inductor")),
                 "native_cq_fp8": cq_fp8}
+    # not native_cq_fp8 + TorchCompileModel: on the H100 (torch 2.11) Dynamo fails in ComfyUI's cast_bias_weight
+    # ("vr must not be None"), and the process that tried ran ours 19% slower and ended in a segfault (2026-12-07)
     accels = {"ours_fp8": accel_mod.accelerate(fp8), "ours_cq_fp8": accel_mod.accelerate(cq_fp8),
               "ours_int8cr": accel_mod.accelerate(int8),
               "ours_int8cr_ck_attention": accel_mod.accelerate(ck(int8))}
     variants |= {name: fast for name, (fast, _) in accels.items()}
-    first, latents, times, loaded = {}, {}, {name: [] for name in variants}, {}
-    for name, patcher in variants.items():
+    first, latents, times, loaded, failed = {}, {}, {name: [] for name in variants}, {}, {}
+    for name, patcher in list(variants.items()):
         mm.unload_all_models()
-        first[name], latents[name] = sample(patcher)
+        try:
+            first[name], latents[name] = sample(patcher)
+        except Exception as e:  # noqa: BLE001  (a native path this ComfyUI or torch cannot run)
+            failed[name] = f"{type(e).__name__}: {str(e)[:300]}"
+            del variants[name], times[name]
+            print(f"{kind} {name}: failed: {failed[name]}", flush=True)
+            continue
         # what each path holds: TorchCompileModel's clone turns dynamic VRAM off, and ComfyUI's lazy layers then
         # keep the file's bf16 tensors for the linears (CPU: ComfyUI 0.33.0, a lazily built fp8_e4m3fn_fast model)
         loaded[name] = patcher.loaded_size() / GIB
@@ -357,14 +391,21 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     native_q = {k: v for k, v in med.items() if k.startswith("native_") and k != "native_bf16"}
     ours_q = {k: v for k, v in med.items() if k.startswith("ours_")}
     best_native, best_ours = min(native_q, key=native_q.get), min(ours_q, key=ours_q.get)
-    metrics = {f"ours_steps8_fp8_s{suffix}": med["ours_fp8"], f"ours_steps8_int8_s{suffix}": med["ours_int8cr"],
-               f"ours_steps8_cq_fp8_s{suffix}": med["ours_cq_fp8"],
+    # native's paths that hold quantized weights (under 0.75x bf16's memory): TorchCompileModel's clone may not
+    held = {k: v for k, v in native_q.items() if loaded[k] < 0.75 * loaded["native_bf16"]} or native_q  # (CPU: 0)
+    best_held = min(held, key=held.get)
+    # "ours fp8" is our fp8 on the comfy_quant e4m3 file (scaled linears: the form fp8 Z-Image files are shared in);
+    # "fp8fast" is UNETLoader's unscaled cast of the bf16 file, which native's eager path reads too
+    metrics = {f"ours_steps8_fp8_s{suffix}": med["ours_cq_fp8"], f"ours_steps8_int8_s{suffix}": med["ours_int8cr"],
+               f"ours_steps8_fp8fast_s{suffix}": med["ours_fp8"],
                f"fp8_speedup_vs_native033_best{suffix}": native_q[best_native] / ours_q[best_ours],
-               f"ours_fp8_rel_l2_vs_bf16{suffix}": rel["ours_fp8"],
-               f"ours_cq_fp8_rel_l2_vs_bf16{suffix}": rel["ours_cq_fp8"],
+               f"fp8_speedup_vs_native033_best_held_quantized{suffix}": held[best_held] / ours_q[best_ours],
+               f"ours_fp8_rel_l2_vs_bf16{suffix}": rel["ours_cq_fp8"],
+               f"ours_fp8fast_rel_l2_vs_bf16{suffix}": rel["ours_fp8"],
                f"native033_cq_fp8_rel_l2_vs_bf16{suffix}": rel["native_cq_fp8"],
                f"ours_int8_rel_l2_vs_bf16{suffix}": rel["ours_int8cr"],
                f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
+               f"native033_best_held_quantized_rel_l2_vs_bf16{suffix}": rel[best_held],
                f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
     print(f"{kind}: medians {json.dumps(med)}; rel-L2 vs bf16 {json.dumps(rel)}", flush=True)
     reports = {name: accel.report() for name, (_, accel) in accels.items()}
@@ -372,8 +413,10 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
            for name, r in reports.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
     print(f"{kind}: ours ran {json.dumps(ran)}", flush=True)
     return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel, "ours_ran": ran,
+            "failed": failed,
             "loaded_gib": loaded,
-            "best_native": best_native, "best_ours": best_ours, "lowp_metrics": metrics}
+            "best_native": best_native, "best_native_held_quantized": best_held, "best_ours": best_ours,
+            "lowp_metrics": metrics}
 
 
 def accuracy(args, model, accel_mod, sample, latents, mm) -> dict:
@@ -639,9 +682,9 @@ def driver(args) -> None:
         save()
     metrics = results["metrics"]
     for setup in args.setups:
-        if setup == "first":  # FIRST_ORDER's processes
+        if setup == "first":  # first_order's processes
             runs = [(who, run_child(args, "first", str(args.comfy033), "0.33.0", deadline, who))
-                    for who in FIRST_ORDER]
+                    for who in first_order(args.first_blocks)]
             results["setups"]["first"] = [{"who": who, **r} for who, r in runs]
             counted = [(w, r) for w, r in runs[1:-1] if "first_image_s" in r]
             pairs = {"first_image": lambda r: r["first_image_s"],  # its loading step included (2.0-2.4 of 3.2 s)
@@ -651,6 +694,8 @@ def driver(args) -> None:
                 seconds = {who: [value(r) for w, r in counted if w == who] for who in ("native", "ours")}
                 if len(seconds["native"]) == len(seconds["ours"]) >= 2:
                     metrics[f"accelerate_{name}_over_native033"] = sum(seconds["ours"]) / sum(seconds["native"])
+                    metrics[f"accelerate_{name}_over_native033_medians"] = (statistics.median(seconds["ours"])
+                                                                            / statistics.median(seconds["native"]))
             save()
             continue
         if setup == "warmup":
@@ -694,6 +739,7 @@ def main() -> None:
     p.add_argument("--base-steps", type=int, default=28)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--first-blocks", type=int, default=2, help="first: how many A B B A blocks of fresh processes")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting setups after this many seconds")
     p.add_argument("--setup-timeout-s", type=float, default=240.0, help="the most one setup's process may take")
     p.add_argument("--skip-prepare", action="store_true")
