@@ -16,8 +16,9 @@ Setups (``--setups``): ``bf16``, ``fp8`` (UNETLoader ``weight_dtype`` fp8_e4m3fn
 comfy-kitchen's own quantizer), each with ``@12`` / ``@8`` for a simulated 12 / 8 GB card (``--reserve-vram`` so
 ComfyUI plans for that card, ``torch.cuda.set_per_process_memory_fraction`` so nothing can use more); ``base``
 (Z-Image base settings: cfg 4, 28 steps, a 97-token negative prompt); ``first`` (a new process's first image, native
-and ours, each in a process of its own: ``first_order``; also the steps after loading, and the next image); ``v075``
-(ComfyUI 0.3.75's tree, bf16, as the second column).
+and ours, each in a process of its own: ``first_order``; also the steps after loading, and the next image);
+``first_base`` (the same at base settings, where the warm-up starts after the first call); ``v075`` (ComfyUI 0.3.75's
+tree, bf16, as the second column).
 
     python benchmarks/bench_users.py --comfy033 DIR --comfy075 DIR --work /tmp/zb --out results.json
     python benchmarks/bench_users.py --comfy033 DIR --work /tmp/zb --out /tmp/smoke.json --smoke   # CPU, tiny
@@ -183,7 +184,7 @@ def child(args) -> dict:
     cap_dim = model.model.diffusion_model.cap_embedder[0].weight.shape[0]
     positive = conditioning(cap_dim, CAP_TOKENS, 1)
     negative = conditioning(cap_dim, NEG_TOKENS, 2)
-    base = kind == "base"
+    base = kind in ("base", "first_base")
     steps, cfg = (args.base_steps, 4.0) if base else (args.steps, 1.0)
     size = args.size // 8
     out = {"setup": args.child, "comfyui": comfyui_version.__version__, "budget_gib": budget,
@@ -225,7 +226,7 @@ def child(args) -> dict:
         except Exception:  # noqa: BLE001
             return float("nan")
 
-    if kind == "first":  # a new process's first image: native, ours, ours on sdpa or on flash (args.first)
+    if kind in ("first", "first_base"):  # a new process's first image: native, ours, ours on sdpa (args.first)
         start = time.perf_counter()
         attention = {"ours_flash": "flash", "ours_sdpa": "sdpa"}.get(args.first, "auto")
         patcher = model if args.first == "native" else accel_mod.accelerate(model, attention=attention)[0]
@@ -259,8 +260,8 @@ def child(args) -> dict:
         if name == "native":
             mm.unload_all_models()  # ours starts from the same state: the model is loaded by the sampler call
     repeat = {}  # run to run: each path against its own previous round (the noise floor of the comparison)
-    # per round: each step's end (s since the start, CUDA events), and the shapes ``auto`` had bought cuDNN's plan for after it
-    # (a slow round of ``auto`` beside none of ``sdpa``: a plan bought in it?)
+    # per round: each step's end (s since the start, CUDA events) and the shapes ``auto`` had bought cuDNN's plan for
+    # after it (H100: the spread is the first step's, every path's; no plan bought in the timed rounds)
     step_ends, bought = {name: [] for name, _ in variants}, []
     for _ in range(args.rounds):
         for name, patcher in variants:
@@ -682,10 +683,11 @@ def driver(args) -> None:
         save()
     metrics = results["metrics"]
     for setup in args.setups:
-        if setup == "first":  # first_order's processes
-            runs = [(who, run_child(args, "first", str(args.comfy033), "0.33.0", deadline, who))
+        if setup in ("first", "first_base"):  # first_order's processes (first_base: base settings, 28 steps)
+            runs = [(who, run_child(args, setup, str(args.comfy033), "0.33.0", deadline, who))
                     for who in first_order(args.first_blocks)]
-            results["setups"]["first"] = [{"who": who, **r} for who, r in runs]
+            results["setups"][setup] = [{"who": who, **r} for who, r in runs]
+            suffix = "_base" if setup == "first_base" else ""
             counted = [(w, r) for w, r in runs[1:-1] if "first_image_s" in r]
             pairs = {"first_image": lambda r: r["first_image_s"],  # its loading step included (2.0-2.4 of 3.2 s)
                      "first_image_after_load": lambda r: r["steps_s"][-1] - r["steps_s"][0],
@@ -693,9 +695,9 @@ def driver(args) -> None:
             for name, value in pairs.items():
                 seconds = {who: [value(r) for w, r in counted if w == who] for who in ("native", "ours")}
                 if len(seconds["native"]) == len(seconds["ours"]) >= 2:
-                    metrics[f"accelerate_{name}_over_native033"] = sum(seconds["ours"]) / sum(seconds["native"])
-                    metrics[f"accelerate_{name}_over_native033_medians"] = (statistics.median(seconds["ours"])
-                                                                            / statistics.median(seconds["native"]))
+                    metrics[f"accelerate_{name}_over_native033{suffix}"] = sum(seconds["ours"]) / sum(seconds["native"])
+                    metrics[f"accelerate_{name}_over_native033_medians{suffix}"] = (
+                        statistics.median(seconds["ours"]) / statistics.median(seconds["native"]))
             save()
             continue
         if setup == "warmup":
