@@ -340,7 +340,8 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     uniform of the same variance): native 0.33.0's quantized paths (UNETLoader fp8_e4m3fn_fast, + TorchCompileModel,
     the int8_convrot file, each + comfy-kitchen int8 attention through ModelAttentionBackend, a comfy_quant e4m3
     file) against ours (Accelerate on the same MODELs: fp8 and int8 W8A8 matmuls with fused quantization), medians
-    of interleaved rounds, each latent's rel-L2 to native bf16 on the same weights, each path's weight memory."""
+    of interleaved rounds, each latent's rel-L2 to native bf16 on the same weights, each path's weight memory. The
+    ``ours_fp8`` metrics are ours on the comfy_quant file, ``ours_fp8fast`` ours on UNETLoader's unscaled cast."""
     import torch
     from bench_native import node_output
     from common import rel_l2
@@ -393,7 +394,7 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
     ours_q = {k: v for k, v in med.items() if k.startswith("ours_")}
     best_native, best_ours = min(native_q, key=native_q.get), min(ours_q, key=ours_q.get)
     # native's paths that hold quantized weights (under 0.75x bf16's memory): TorchCompileModel's clone may not
-    held = {k: v for k, v in native_q.items() if loaded[k] < 0.75 * loaded["native_bf16"]} or native_q  # (CPU: 0)
+    held = {k: v for k, v in native_q.items() if loaded[k] < 0.75 * loaded["native_bf16"]} or native_q  # (smoke: 0 GiB)
     best_held = min(held, key=held.get)
     # "ours fp8" is our fp8 on the comfy_quant e4m3 file (scaled linears: the form fp8 Z-Image files are shared in);
     # "fp8fast" is UNETLoader's unscaled cast of the bf16 file, which native's eager path reads too
