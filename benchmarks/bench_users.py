@@ -272,7 +272,7 @@ def child(args) -> dict:
             step_ends[name].append([round(t, 4) for t in ends])
             repeat[name] = rel_l2(latents[name], previous)
             if name == "ours":
-                bought.append(auto_plans_bought())
+                bought.append(sys.modules["zimage_core.attention"].shapes_bought())  # the pack's core, as loaded
     out.update(rel_l2_run_to_run=repeat, step_ends_s=step_ends, auto_plans_bought_per_round=bought)
     if args.accuracy and kind == "bf16" and budget is None and not args.smoke and args.comfy_version == "0.33.0":
         out["accuracy"] = accuracy(args, model, accel_mod, sample, latents, mm)
@@ -297,13 +297,6 @@ def child(args) -> dict:
     print(f"{args.child}: native {med['native']:.3f} s, ours {med['ours']:.3f} s ({out['speedup']:.3f}x), "
           f"rel-L2 {rel:.2e}, native blocks {report['native_blocks']}", flush=True)
     return out
-
-
-def auto_plans_bought() -> int:
-    """How many shapes ``auto`` attention has bought cuDNN's plan for in this thread (the sampler's)."""
-    attention = sys.modules.get("zimage_core.attention")
-    seen = getattr(getattr(attention, "_RENTED", None), "flops", None) or {}
-    return sum(done * attention.LOST_S_PER_FLOP >= attention.PLAN_COST_S for done in seen.values())
 
 
 def settle(name, patcher, sample, steps) -> None:
@@ -415,10 +408,8 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
            for name, r in reports.items()}  # what our blocks ran on (fp8 / int8 matmuls or weights cast)
     print(f"{kind}: ours ran {json.dumps(ran)}", flush=True)
     return {"median_s": med, "first_call_s": first, "times": times, "rel_l2_vs_bf16": rel, "ours_ran": ran,
-            "failed": failed,
-            "loaded_gib": loaded,
-            "best_native": best_native, "best_native_held_quantized": best_held, "best_ours": best_ours,
-            "lowp_metrics": metrics}
+            "failed": failed, "loaded_gib": loaded, "best_native": best_native,
+            "best_native_held_quantized": best_held, "best_ours": best_ours, "lowp_metrics": metrics}
 
 
 def accuracy(args, model, accel_mod, sample, latents, mm) -> dict:

@@ -41,7 +41,9 @@ def rented_calls(q, k=None, v=None, mask=None, limit=100_000) -> int:
 def test_a_shape_rents_until_its_lost_time_reaches_one_plan():
     q = meta(JOINT)
     expected = calls_to_buy(JOINT)
+    assert attn.shapes_bought() == 0
     assert rented_calls(q) == expected
+    assert attn.shapes_bought() == 1
     # within the first 8-step image (30 blocks a step at the joint length), after a few steps (the design)
     assert 3 * 30 < expected < 8 * 30
     assert not attn.rent_plan(q, q, q, None)  # bought: stays bought
@@ -54,6 +56,7 @@ def test_small_shapes_rent_far_longer_and_each_shape_counts_alone():
     n_big = rented_calls(big)
     for _ in range(2 * n_big):  # the big shape's purchase says nothing about this one: it still rents
         assert attn.rent_plan(small, small, small, None)
+    assert attn.shapes_bought() == 1
     # another layout (strides) or dtype is another cuDNN plan
     assert attn.rent_plan(meta(JOINT).transpose(1, 2).contiguous().transpose(1, 2), big, big, None)
     assert attn.rent_plan(meta(JOINT, torch.float16), meta(JOINT, torch.float16), meta(JOINT, torch.float16), None)
@@ -64,10 +67,10 @@ def test_counts_are_per_thread_as_cudnn_plans_are():
     rented_calls(q)
     assert not attn.rent_plan(q, q, q, None)
     seen = []
-    worker = threading.Thread(target=lambda: seen.append(attn.rent_plan(q, q, q, None)))
+    worker = threading.Thread(target=lambda: seen.append((attn.shapes_bought(), attn.rent_plan(q, q, q, None))))
     worker.start()
     worker.join()
-    assert seen == [True]
+    assert seen == [(0, True)] and attn.shapes_bought() == 1
 
 
 def test_compiled_code_and_warm_up_threads_never_rent(monkeypatch):

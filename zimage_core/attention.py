@@ -153,10 +153,21 @@ def rent_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         seen[key] = float("inf")
         return False
     done = seen.get(key, 0.0)
-    if done * LOST_S_PER_FLOP >= PLAN_COST_S:
+    if _paid(done):
         return False
     seen[key] = done + 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
     return True
+
+
+def _paid(flops: float) -> bool:
+    """Whether calls of one shape that ran ``flops`` without cuDNN have lost one plan's cost (then it is bought)."""
+    return flops * LOST_S_PER_FLOP >= PLAN_COST_S
+
+
+def shapes_bought() -> int:
+    """How many shapes this thread's ``auto`` calls have bought cuDNN's plan for (benchmarks: was a slow image one
+    that bought a plan?)."""
+    return sum(map(_paid, getattr(_RENTED, "flops", {}).values()))
 
 
 @contextlib.contextmanager
