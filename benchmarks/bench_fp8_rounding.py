@@ -96,8 +96,13 @@ def main() -> None:
         metrics[f"{dist}_ours_minus_native_max"] = round(max(a - b for a, b in zip(mine, theirs)), 6)
         print(f"{dist}: ours - native per GEMM, at most {metrics[f'{dist}_ours_minus_native_max']:+.5f}")
     if args.out:
-        args.out.write_text(json.dumps({"gpu": "cpu (exact roundings; no GPU involved)", "metrics": metrics,
-                                        "command": " ".join(sys.argv), "rows": args.rows}, indent=1) + "\n")
+        from importlib.metadata import version
+
+        reference = (f"ComfyUI 0.33.0's rounding of a quantized Linear's input without input_scale: comfy-kitchen "
+                     f"{version('comfy-kitchen')} quantize_per_tensor_fp8, scale 1")
+        args.out.write_text(json.dumps({"gpu": "cpu (exact roundings; no GPU involved)", "native": reference,
+                                        "metrics": metrics, "command": " ".join(sys.argv), "rows": args.rows},
+                                       indent=1) + "\n")
 
 
 if __name__ == "__main__":
