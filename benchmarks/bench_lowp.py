@@ -50,10 +50,12 @@ if "--smoke" in sys.argv:  # before the first import of triton: the kernels are 
     os.environ["ZIMAGE_KERNELS"] = "1"
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -151,6 +153,7 @@ def bench_gemm(b: Bench, results: Results) -> dict:
             "int8_int_mm": lambda: torch._int_mm(xi, wi.t()),
             "int8_mm_epilogue": lambda: (kernels.int8_epilogue if kernels.active(x) else int8._epilogue)(
                 int8.int8_mm(xi, wi), xis, wis_n, None, torch.bfloat16),
+            "int8_triton": lambda: kernels.int8_matmul(xi, xis, wi, wis_n, None, torch.bfloat16),
             "fp8_linear": lambda: fp8.fp8_linear(x, w8, ws, None, True),
             "int8_linear": lambda: int8.int8_linear(x, wi, wis, None),
             "int8_linear_rot": lambda: int8.int8_linear(x, wir, wirs, None, rotation_groupsize=rot),
@@ -161,6 +164,7 @@ def bench_gemm(b: Bench, results: Results) -> dict:
             runs["ck_int8_linear_convrot"] = lambda: ck.int8_linear(x, wir, wirs.reshape(-1), None, torch.bfloat16,
                                                                     convrot=True, convrot_groupsize=rot)
         ref = F.linear(x.float(), w.float())
+        outs = {}
         for kind, fn in runs.items():
             try:
                 out = fn()
@@ -174,11 +178,70 @@ def bench_gemm(b: Bench, results: Results) -> dict:
             if out.dtype != torch.int32:
                 results[f"gemm_{name}_{kind}_rel_l2"] = rel_l2(out.float(), ref)
             per_kind[kind] = per_kind.get(kind, 0.0) + t * GEMM_COUNT[name]
-        del x, w, x8, w8, xi, wi, wir
+            outs[kind] = out
+        if "int8_triton" in outs and "int8_mm_epilogue" in outs:  # the same sums and fp32 epilogue: bits expected
+            a, e = outs["int8_triton"].float(), outs["int8_mm_epilogue"].float()
+            results[f"gemm_{name}_int8_triton_differs"] = (a != e).float().mean().item()
+            results[f"gemm_{name}_int8_triton_vs_epilogue_rel_l2"] = rel_l2(a, e)
+        del x, w, x8, w8, xi, wi, wir, outs
     for kind, us in per_kind.items():
         results[f"gemm_block_{kind}_us"] = us
         results[f"gemm_step_{kind}_ms"] = us * BLOCKS_PER_STEP / 1e3
     return per_kind
+
+
+def sweep_configs(b: Bench) -> list:
+    """Tilings of ``kernels.int8_matmul`` to time: ``kernels.MM_CONFIGS`` and around them, those whose pipeline fits
+    this device's shared memory (the smoke run: two small ones)."""
+    C = kernels.MMConfig
+    if b.smoke:
+        return [C(32, 32, 32, 1, 4, 1), C(16, 32, 32, 2, 4, 2)]
+    grid = [C(128, 256, 128, 8, 8, 3), C(128, 256, 128, 8, 8, 4), C(128, 256, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 5),
+            C(256, 128, 128, 8, 8, 3), C(256, 128, 64, 8, 8, 4), C(128, 128, 128, 8, 4, 4), C(128, 128, 128, 8, 8, 4),
+            C(128, 128, 64, 8, 4, 5), C(64, 256, 128, 8, 4, 4), C(128, 256, 128, 16, 8, 3), C(256, 256, 64, 8, 8, 3)]
+    limit = kernels._shared_limit(b.device)
+    return [c for c in dict.fromkeys([*kernels.MM_CONFIGS, *grid]) if c.shared_bytes() <= limit]
+
+
+@section("int8cfg")
+def bench_int8_configs(b: Bench, results: Results) -> None:
+    """``int8cfg_<shape>_<tiling>_us`` per tiling and GEMM shape; ``int8cfg_step_<tiling>_ms`` a step of them (x32
+    blocks); ``int8cfg_step_best_per_shape_ms`` with each shape's fastest; ``notes.int8cfg_best`` which tiling won
+    where, and ``int8cfg_picked_*`` what ``mm_config`` picks here."""
+    m = b.shape["seq"]
+    step: dict = {}
+    best_total = 0.0
+    for name, (k, n) in gemm_shapes(b.shape).items():
+        xi, xis = int8.quantize_activation_rowwise_int8(b.randn(m, k))
+        wi, wis = int8.quantize_rowwise_int8(b.randn(n, k, scale=k ** -0.5))
+        wis = wis.reshape(-1).contiguous()
+        ref = kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16)
+        times = {}
+        for c in sweep_configs(b):
+            tag = f"{c.bm}x{c.bn}x{c.bk}_g{c.group_m}_w{c.warps}_s{c.stages}"
+            fn = lambda c=c: kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16, c)  # noqa: E731
+            try:
+                same = torch.equal(fn(), ref)
+                t = b.time_us(fn)
+            except Exception as err:  # noqa: BLE001 - a tiling this card cannot build: say so, keep going
+                results.note(f"int8cfg_{name}_{tag}_error", f"{type(err).__name__}: {err}"[:300])
+                continue
+            if not same:
+                results.note(f"int8cfg_{name}_{tag}_differs", "not bit-equal to the default tiling")
+            times[tag] = t
+            results[f"int8cfg_{name}_{tag}_us"] = t
+            step[tag] = step.get(tag, 0.0) + t * GEMM_COUNT[name]
+        best = min(times, key=times.get)
+        best_total += times[best] * GEMM_COUNT[name]
+        results.note(f"int8cfg_best_{name}", f"{best}: {times[best]:.1f} us, {2.0 * m * k * n / times[best] * 1e-6:.0f} TOPS")
+        picked = kernels.mm_config(b.device, m, n, k)
+        results.note(f"int8cfg_picked_{name}", str(picked))
+        print(f"  int8cfg {name}: best {best} {times[best]:.1f} us; picked {picked}", flush=True)
+        del xi, wi, ref
+    for tag, us in step.items():
+        if len(gemm_shapes(b.shape)) and all(f"int8cfg_{s}_{tag}_us" in results.data["metrics"] for s in gemm_shapes(b.shape)):
+            results[f"int8cfg_step_{tag}_ms"] = us * BLOCKS_PER_STEP / 1e3
+    results["int8cfg_step_best_per_shape_ms"] = best_total * BLOCKS_PER_STEP / 1e3
 
 
 # ------------------------------------------------------------------------------------------------ quantization
@@ -489,6 +552,21 @@ def quantized_block(view: BlockWeights, kind: str, rotation: int | None = None) 
     return view._replace(qkv=q(view.qkv), out=q(view.out), ffn=tuple(q(f) for f in view.ffn), w2=q(view.w2))
 
 
+@contextlib.contextmanager
+def unfused_int8(on: bool):
+    """With ``on``, ``kernels.int8_matmul`` replaced by ``torch._int_mm`` + ``kernels.int8_epilogue`` (the int8
+    product before the fused kernel: the int32 result written and read back), for a same-process comparison."""
+    if not on:
+        yield
+        return
+
+    def two_pass(x8, x_scale, weight, w_scale, bias, dtype, config=None):
+        return kernels.int8_epilogue(int8.int8_mm(x8, weight), x_scale, w_scale, bias, dtype)
+
+    with mock.patch.object(kernels, "int8_matmul", two_pass):
+        yield
+
+
 @section("block")
 def bench_block(b: Bench, results: Results) -> None:
     s = b.shape
@@ -513,11 +591,15 @@ def bench_block(b: Bench, results: Results) -> None:
             variants = {"bf16": (view, False), "fp8": (quantized_block(view, "fp8"), True),
                         "int8": (quantized_block(view, "int8"), True),
                         "int8rot": (quantized_block(view, "int8", rot), True)}
+            # the int8 products as before the fused matmul (torch._int_mm, then kernels.int8_epilogue), same process
+            variants |= {f"{kind}_int_mm": variants[kind] for kind in ("int8", "int8rot")}
             for kind, (v, lowp) in variants.items():
                 try:
-                    out = block_forward(*args, v, shape, lowp)
+                    with unfused_int8(kind.endswith("_int_mm")):
+                        out = block_forward(*args, v, shape, lowp)
                     if dist == "normal":
-                        t = b.time_us(lambda: block_forward(*args, v, shape, lowp))
+                        with unfused_int8(kind.endswith("_int_mm")):
+                            t = b.time_us(lambda: block_forward(*args, v, shape, lowp))
                         results[f"block_{kind}_ms"] = t / 1e3
                         results[f"steps8_{kind}_s"] = t * BLOCKS_PER_STEP * STEPS / 1e6
                     results[f"block_{kind}_{dist}_rel_l2_vs_fp32"] = rel_l2(out.float(), ref32)
@@ -548,7 +630,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="folder for lowp.json")
     p.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (median)")
-    p.add_argument("--sections", nargs="+", default=["gemm", "quant", "attention", "torchao", "block"])
+    p.add_argument("--sections", nargs="+", default=["gemm", "int8cfg", "quant", "attention", "torchao", "block"])
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of torchao's linears")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton's interpreter: no real timings")
     args = p.parse_args()
@@ -563,6 +645,8 @@ def main() -> None:
     attention_us = {}
     if "gemm" in args.sections:
         bench_gemm(b, results)
+    if "int8cfg" in args.sections:
+        bench_int8_configs(b, results)
     if "quant" in args.sections:
         bench_quant(b, results)
     if "attention" in args.sections:

@@ -401,7 +401,10 @@ def low_precision(args, kind, bf16, accel_mod, sample, mm) -> dict:
                f"ours_int8_rel_l2_vs_bf16{suffix}": rel["ours_int8cr"],
                f"native033_best_rel_l2_vs_bf16{suffix}": rel[best_native],
                f"native033_best_held_quantized_rel_l2_vs_bf16{suffix}": rel[best_held],
-               f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"]}
+               f"native033_fp8fast_rel_l2_vs_bf16{suffix}": rel["native_fp8fast"],
+               # our best quantized path (the speed-up's numerator) by its own distance, and int8 on its own
+               f"ours_best_rel_l2_vs_bf16{suffix}": rel[best_ours],
+               f"int8_speedup_vs_native033_best{suffix}": native_q[best_native] / med["ours_int8cr"]}
     print(f"{kind}: medians {json.dumps(med)}; rel-L2 vs bf16 {json.dumps(rel)}", flush=True)
     reports = {name: accel.report() for name, (_, accel) in accels.items()}
     ran = {name: {k: r[k] for k in ("weight_dtypes", "native_blocks", "fallbacks")}

@@ -327,6 +327,28 @@ def _checks() -> dict:
         res[f"int8_epilogue_{tag}"] = {
             "bias": torch.equal(kernels.int8_epilogue(acc, xs, ws, bias, dt), i8._epilogue(acc, xs, ws, bias, dt)),
             "plain": torch.equal(kernels.int8_epilogue(acc, xs, ws, None, dt), i8._epilogue(acc, xs, ws, None, dt))}
+    # the fused int8 matmul (int32 sums in registers, the same epilogue): bit for bit torch._int_mm + int8._epilogue,
+    # for row counts under _int_mm's 17, widths that are not whole tiles, k not a whole number of tile depths, and a
+    # row with a NaN scale (its output row NaN, the others untouched); a bigger tiling than the interpreter's own too
+    for m, n, k in ((37, 300, 96), (5, 40, 64), (64, 64, 64), (33, 72, 200)):
+        a8, a_s = i8.quantize_activation_rowwise_int8(rnd(m, k, scale=3.0))
+        w8, w_s = i8.quantize_rowwise_int8(rnd(n, k))
+        w_s = w_s.reshape(-1).contiguous()
+        if m == 37:
+            a_s[4] = float("nan")
+        def same(a, b):  # bit for bit, NaN where NaN
+            return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            bias = rnd(n, dtype=dt)
+            ref = i8._epilogue(i8.int8_mm(a8, w8), a_s, w_s, bias, dt)
+            res[f"int8_matmul_{m}x{n}x{k}_{str(dt).split('.')[-1]}"] = {
+                "bias": same(kernels.int8_matmul(a8, a_s, w8, w_s, bias, dt), ref),
+                "plain": same(kernels.int8_matmul(a8, a_s, w8, w_s, None, dt),
+                              i8._epilogue(i8.int8_mm(a8, w8), a_s, w_s, None, dt)),
+                "tiles_64": same(kernels.int8_matmul(a8, a_s, w8, w_s, bias, dt,
+                                                     kernels.MMConfig(64, 64, 64, 2, 4, 2)), ref),
+                "nan_rows": torch.isnan(ref.float()).any(1).nonzero().flatten().tolist()}
     # an int8 block (dim 96, FFN 256: every matmul int8-able) with the kernels against the torch path: the kernels hand
     # q/k/v, w1/w3 and w2 their input already quantized (and rotated); only the attention output is quantized apart
     from diffusers import ZImageTransformer2DModel
@@ -343,7 +365,7 @@ def _checks() -> dict:
         ffn = q(view.ffn) if isinstance(view.ffn, Linear) else tuple(q(f) for f in view.ffn)
         return view._replace(qkv=q(view.qkv), out=q(view.out), ffn=ffn, w2=q(view.w2))
 
-    counts = {"quantize_rows": 0, "int8_epilogue": 0}
+    counts = {"quantize_rows": 0, "int8_matmul": 0}
     plain = {k: getattr(kernels, k) for k in counts}
 
     def counter(name):
@@ -567,13 +589,24 @@ def test_int8_epilogue_is_bit_exact(measured):
         assert measured[f"int8_epilogue_{dt}"] == {"bias": True, "plain": True}, dt
 
 
+def test_int8_matmul_is_bit_exact(measured):
+    """``kernels.int8_matmul`` (one kernel: int8 dot, int32 sums, fp32 epilogue) gives torch._int_mm + the torch
+    epilogue's bits, whatever the tiling; a NaN row scale makes that row NaN and no other."""
+    cases = [k for k in measured if k.startswith("int8_matmul_")]
+    assert len(cases) == 12, cases
+    for key in cases:
+        m = measured[key]
+        assert m["bias"] and m["plain"] and m["tiles_64"], (key, m)
+        assert m["nan_rows"] == ([4] if key.startswith("int8_matmul_37x") else []), (key, m)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["layers.1", "noise_refiner.0", "context_refiner.0"])
 @pytest.mark.parametrize("rot", ["None", "16"])
 def test_int8_block_with_kernels_matches_torch(measured, dtype, name, rot):
     m = measured[f"int8_block_{name}_{dtype}_{rot}"]
     assert m["quantize_rows"] == 1, m  # the attention output; the other inputs came quantized from the kernels
-    assert m["int8_epilogue"] == (5 if name == "noise_refiner.0" else 4), m  # every matmul in int8 (w1/w3 fused or not)
+    assert m["int8_matmul"] == (5 if name == "noise_refiner.0" else 4), m  # every matmul in int8 (w1/w3 fused or not)
     assert m["finite"], m
     # int8 matmuls of inputs that differ by kernel ulps: measured 0 to 1e-7 (fp32), 0 (bf16) but one case at 2.0e-4
     # where a bf16 ulp moved a value across an int8 rounding boundary
@@ -613,16 +646,44 @@ def test_kernels_step_aside_when_off(measured):
     assert all(v == 0 for v in measured["off"]["calls"].values()), measured["off"]
 
 
-def _compile_for(fn, types: dict, consts: dict, warps: int, capability: int):
+def _compile_for(fn, types: dict, consts: dict, warps: int, capability: int, stages: int | None = None,
+                 aligned: tuple = ()):
     """``fn`` compiled (not run) by Triton for an NVIDIA GPU of ``capability`` (ptxas ships with Triton): the GPU
-    code path, which the interpreter never builds. Untyped arguments are int32 scalars."""
+    code path, which the interpreter never builds. Untyped arguments are int32 scalars; ``aligned`` names the
+    arguments Triton's launcher would find divisible by 16 (it specializes on that when it runs)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                          target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    options = {"num_warps": warps, **({"num_stages": stages} if stages else {})}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32), options=options)
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_int8_matmul_compiles_to_tensor_cores(capability):
+    """At the model's shapes (every size and stride a multiple of 16) the fused int8 matmul builds to int8 tensor
+    core instructions (Hopper's wgmma, Ampere's mma.sync) fed by an asynchronous copy pipeline, for every tiling
+    ``mm_config`` can pick that fits the card (an H100's 227 KiB of shared memory, an RTX 3090's 99 KiB)."""
+    from zimage_core import kernels
+
+    if not kernels.available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs Triton, compiled (not interpreted)")
+    types = {"a_ptr": "*i8", "b_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
+             "out_ptr": "*bf16"}
+    aligned = (*types, "n", "k", "sa", "sb", "so")
+    limit = 227 * 1024 if capability == 90 else 99 * 1024
+    configs = [c for c in kernels.MM_CONFIGS if c.shared_bytes() <= limit and c.bm >= 64]
+    assert configs
+    for c in configs:
+        consts = {"HAS_BIAS": True, "EVEN_K": True, "BM": c.bm, "BN": c.bn, "BK": c.bk, "GROUP_M": c.group_m}
+        built = _compile_for(kernels._int8_mm_kernel, types, consts, c.warps, capability, c.stages, aligned)
+        ptx = built.asm["ptx"]
+        assert ("wgmma.mma_async" in ptx) if capability == 90 else ("mma.sync.aligned" in ptx and ".s8.s8" in ptx), c
+        assert "cp.async" in ptx and built.asm["ttgir"].count("async_copy") >= 2, c  # pipelined, not byte loads
+        assert built.metadata.shared <= limit, c
 
 
 @pytest.mark.parametrize("capability,quant,rot", [(90, 1, 0), (90, 2, 0), (90, 2, 256), (80, 2, 256)])

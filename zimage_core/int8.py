@@ -12,8 +12,9 @@ For GPUs without fp8 tensor cores (A100, RTX 30xx) and for Comfy-Org's ``*_int8_
   first: ``x @ W.T = sum_g (x_g @ H) @ (W_g @ H).T`` since ``H @ H.T = I``, so the product needs no unrotated
   weight. A non-finite row gets a NaN or inf scale (its NaN codes are stored as 0), so its output row is
   non-finite too, as with the fp8 path.
-- Product: ``torch._int_mm`` (int8 x int8 -> exact int32 sums), then ``(acc * row scale) * column scale + bias`` in
-  fp32, cast once to the compute dtype (``kernels.int8_epilogue`` in one pass on the GPU).
+- Product: int8 x int8 -> exact int32 sums, then ``(acc * row scale) * column scale + bias`` in fp32, cast once to
+  the compute dtype. On the GPU one Triton kernel does both (``kernels.int8_matmul``: the int32 sums never leave
+  its registers); otherwise ``torch._int_mm`` and the torch epilogue ``_epilogue`` (the reference, bit for bit).
 
 ``torch._int_mm`` on CUDA wants more than 16 rows and K, N multiples of 8 (``aten/src/ATen/native/cuda/Blas.cpp``):
 fewer rows are padded with zero rows (the padding's results are dropped); a K or N that is not a multiple of 8
@@ -129,7 +130,7 @@ def int8_mm(x8: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
               dtype: torch.dtype) -> torch.Tensor:
-    """The reference epilogue (``kernels.int8_epilogue`` makes the same fp32 operations in one pass)."""
+    """The reference epilogue (``kernels.int8_matmul`` and ``kernels.int8_epilogue`` make the same fp32 operations)."""
     out = acc.float() * x_scale
     out = out * w_scale
     if bias is not None:
@@ -144,8 +145,8 @@ def int8_linear(x, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch
     given (Comfy-Org's int8_convrot).
 
     With ``matmul`` (and ``int8_matmul_usable``) the activation rows are rotated and quantized to int8 (one Triton
-    kernel on the GPU, ``kernels.quantize_rows``; torch on the CPU), multiplied by ``torch._int_mm`` and scaled in
-    fp32. ``x`` may be ``kernels.QuantizedRows`` with int8 codes made by the kernel that computed the activation
+    kernel on the GPU, ``kernels.quantize_rows``; torch on the CPU), multiplied and scaled in fp32 (one kernel on
+    the GPU, ``kernels.int8_matmul``; ``torch._int_mm`` and torch elsewhere). ``x`` may be ``kernels.QuantizedRows`` with int8 codes made by the kernel that computed the activation
     (``blocks.block_forward``), rotated by the same group. Otherwise the weight is dequantized to ``x``'s dtype.
     """
     rotation = rotation_groupsize or None
@@ -169,13 +170,12 @@ def int8_linear(x, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch
             x8, x_scale = _kernels.quantize_rows(x2, "int8", rotation)
         else:
             x8, x_scale = quantize_activation_rowwise_int8(hadamard_rows(x2, rotation) if rotation else x2)
-    acc = int8_mm(x8, weight)
     w_scale = torch.ones((), device=device) if scale is None else scale.float()
     w_scale = (w_scale.reshape(1).expand(n_out) if w_scale.numel() == 1 else w_scale.reshape(n_out)).contiguous()
-    if fused:
-        out = _kernels.int8_epilogue(acc, x_scale, w_scale, bias, dtype)
+    if fused:  # one Triton kernel: the int32 sums stay in registers (kernels.int8_matmul)
+        out = _kernels.int8_matmul(x8, x_scale, weight, w_scale, bias, dtype)
     else:
-        out = _epilogue(acc, x_scale, w_scale, bias, dtype)
+        out = _epilogue(int8_mm(x8, weight), x_scale, w_scale, bias, dtype)
     return out.reshape(*shape[:-1], n_out)
 
 
