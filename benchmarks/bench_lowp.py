@@ -195,10 +195,14 @@ def sweep_configs(b: Bench) -> list:
     this device's shared memory (the smoke run: two small ones)."""
     C = kernels.MMConfig
     if b.smoke:
-        return [C(32, 32, 32, 1, 4, 1), C(16, 32, 32, 2, 4, 2)]
+        return [C(32, 32, 32, 1, 4, 1), C(16, 32, 32, 2, 4, 2), C(32, 32, 32, 2, 4, 2, True)]
     grid = [C(128, 256, 128, 8, 8, 3), C(128, 256, 128, 8, 8, 4), C(128, 256, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 5),
             C(256, 128, 128, 8, 8, 3), C(256, 128, 64, 8, 8, 4), C(128, 128, 128, 8, 4, 4), C(128, 128, 128, 8, 8, 4),
             C(128, 128, 64, 8, 4, 5), C(64, 256, 128, 8, 4, 4), C(128, 256, 128, 16, 8, 3), C(256, 256, 64, 8, 8, 3)]
+    if torch.cuda.get_device_capability(b.device) >= (9, 0):  # persistent, TMA tile loads
+        grid += [C(128, 256, 128, 8, 8, 3, True), C(128, 256, 128, 8, 8, 4, True), C(128, 256, 64, 8, 8, 4, True),
+                 C(128, 256, 64, 8, 8, 5, True), C(256, 128, 64, 8, 8, 4, True), C(128, 128, 128, 8, 8, 4, True),
+                 C(128, 128, 128, 8, 4, 4, True), C(128, 256, 128, 16, 8, 3, True), C(128, 128, 64, 8, 4, 6, True)]
     limit = kernels._shared_limit(b.device)
     return [c for c in dict.fromkeys([*kernels.MM_CONFIGS, *grid]) if c.shared_bytes() <= limit]
 
@@ -218,7 +222,7 @@ def bench_int8_configs(b: Bench, results: Results) -> None:
         ref = kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16)
         times = {}
         for c in sweep_configs(b):
-            tag = f"{c.bm}x{c.bn}x{c.bk}_g{c.group_m}_w{c.warps}_s{c.stages}"
+            tag = f"{c.bm}x{c.bn}x{c.bk}_g{c.group_m}_w{c.warps}_s{c.stages}{'_tma' if c.tma else ''}"
             fn = lambda c=c: kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16, c)  # noqa: E731
             try:
                 same = torch.equal(fn(), ref)

@@ -146,7 +146,8 @@ def int8_linear(x, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch
 
     With ``matmul`` (and ``int8_matmul_usable``) the activation rows are rotated and quantized to int8 (one Triton
     kernel on the GPU, ``kernels.quantize_rows``; torch on the CPU), multiplied and scaled in fp32 (one kernel on
-    the GPU, ``kernels.int8_matmul``; ``torch._int_mm`` and torch elsewhere). ``x`` may be ``kernels.QuantizedRows`` with int8 codes made by the kernel that computed the activation
+    the GPU, ``kernels.int8_matmul``; ``torch._int_mm`` and torch elsewhere). ``x`` may be
+    ``kernels.QuantizedRows`` with int8 codes made by the kernel that computed the activation
     (``blocks.block_forward``), rotated by the same group. Otherwise the weight is dequantized to ``x``'s dtype.
     """
     rotation = rotation_groupsize or None

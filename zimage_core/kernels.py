@@ -27,8 +27,12 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
 - The same for int8 W8A8 (``int8.int8_linear``): ``quantize="int8"`` (scale amax/127, round to nearest even), and
   ``rotation=G`` rotates each group of G columns by the regular Hadamard matrix first (Comfy-Org's int8_convrot;
   a radix-4 fast transform in registers, ``_hadamard``), in the same kernel; ``quantize_rows(x, "int8", G)``
-  for the attention output; ``int8_epilogue`` scales ``torch._int_mm``'s int32 result in one pass. Bit for bit the
-  torch reference under the interpreter; they compile for sm_80/sm_90 (tests); speed unmeasured.
+  for the attention output. Bit for bit the torch reference under the interpreter; they compile for sm_80/sm_90.
+- ``int8_matmul``: the int8 product and its epilogue (row scale, column scale, bias, one rounding) in one kernel,
+  so the int32 sums stay in registers (``torch._int_mm`` writes them, 4 bytes an element, and ``int8_epilogue``
+  read them back: on the H100 that pair ran at 600-780 TOPS against ``_int_mm``'s 740-890 alone,
+  ``benchmarks/results/lowp_h100.json``). Bit for bit ``_int_mm`` + the torch epilogue under the interpreter;
+  builds to wgmma (sm_90) and mma.sync (sm_80) behind a cp.async pipeline (tests/test_kernels.py).
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
 diffusers' order of operations) makes to the compute dtype is made here too, in registers: rms result rounded,
@@ -500,6 +504,42 @@ if _TRITON:
         tl.store(out_ptr + rm.to(tl.int64)[:, None] * so + rn[None, :], _round(y, DT).to(DT), mask=mask)
 
 
+    @triton.jit
+    def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of linear tile ``tile`` in groups of ``GROUP_M`` rows of tiles."""
+        per_group = GROUP_M * tiles_n
+        first_m = (tile // per_group) * GROUP_M
+        group_m = min(tiles_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+    @triton.jit
+    def _int8_mm_tma_kernel(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, k, so,
+                            HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+        """``_int8_mm_kernel`` with the tiles fetched by the tensor memory accelerator (Hopper's TMA: whole tiles
+        copied by one instruction, out-of-range rows and columns read as 0) and one program per SM walking the
+        tiles (persistent), so one tile's epilogue overlaps the next one's loads."""
+        tiles_m, tiles_n = tl.cdiv(m, BM), tl.cdiv(n, BN)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+            pid_m, pid_n = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+            acc = tl.zeros((BM, BN), dtype=tl.int32)
+            for start in range(0, k, BK):
+                av = a_desc.load([pid_m * BM, start])
+                bv = b_desc.load([pid_n * BN, start])
+                acc = tl.dot(av, bv.T, acc, out_dtype=tl.int32)
+            rm = pid_m * BM + tl.arange(0, BM)
+            rn = pid_n * BN + tl.arange(0, BN)
+            xs = tl.load(xs_ptr + rm, mask=rm < m, other=0.0)
+            ws = tl.load(ws_ptr + rn, mask=rn < n, other=0.0)
+            y = acc.to(tl.float32) * xs[:, None]
+            y = y * ws[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(bias_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
+            DT: tl.constexpr = out_ptr.dtype.element_ty
+            mask = (rm[:, None] < m) & (rn[None, :] < n)
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * so + rn[None, :], _round(y, DT).to(DT), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------ wrappers
 QUANT_KINDS = {"fp8": 1, "int8": 2}  # the kernels' QUANT codes
 _CODE_DTYPES = {1: torch.float8_e4m3fn, 2: torch.int8}
@@ -573,7 +613,8 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
 
 
 class MMConfig(NamedTuple):
-    """One tiling of ``_int8_mm_kernel``: tile rows, columns and depth, tile rows per group, warps, pipeline stages."""
+    """One tiling of ``_int8_mm_kernel``: tile rows, columns and depth, tile rows per group, warps, pipeline stages;
+    ``tma``: ``_int8_mm_tma_kernel`` instead (persistent, TMA tile loads: compute capability 9.0+)."""
 
     bm: int
     bn: int
@@ -581,16 +622,20 @@ class MMConfig(NamedTuple):
     group_m: int
     warps: int
     stages: int
+    tma: bool = False
 
     def shared_bytes(self) -> int:
-        """Shared memory its pipeline asks for (int8 tiles of ``a`` and ``b`` per stage)."""
-        return self.stages * (self.bm + self.bn) * self.bk
+        """Shared memory its pipeline asks for (int8 tiles of ``a`` and ``b`` per stage; the TMA kernel also a
+        byte per output element and its barriers: 180,248 bytes for 128 x 256 x 128 in 3 stages, Triton 3.8)."""
+        return self.stages * (self.bm + self.bn) * self.bk + (self.bm * self.bn + 64 if self.tma else 0)
 
 
-# Tried largest first, the first whose pipeline fits the device's shared memory per block is used.
-# TODO(measure): the order is a starting point until bench_lowp.py's int8 sweep on the H100 picks it.
-MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3), MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3),
-              MMConfig(32, 32, 32, 1, 4, 1))
+# In order of preference, the first that the device runs (TMA: compute capability 9.0+) and whose pipeline fits its
+# shared memory per block is used. 128 x 256 x 128 in 3 stages was the fastest pointer tiling on the H100 at every
+# GEMM shape of the block or within 0.4% (14 tried, benchmarks/results/lowp_int8mm_h100.json: 49.9 ms of int8 GEMMs
+# a 1024² step, 942-1017 TOPS, against 57.2 ms for torch._int_mm alone and 70.5 with its epilogue).
+MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3, True), MMConfig(128, 256, 128, 8, 8, 3),
+              MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3), MMConfig(32, 32, 32, 1, 4, 1))
 _SHARED: dict[tuple, int] = {}
 
 
@@ -605,12 +650,18 @@ def _shared_limit(device: torch.device) -> int:
     return _SHARED[key]
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few persistent programs, so that each walks several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def mm_config(device: torch.device, m: int, n: int, k: int) -> MMConfig:
     """The tiling ``int8_matmul`` takes for an [m, k] by [n, k] product on ``device``."""
     if device.type != "cuda":  # the interpreter: small tiles keep the CPU tests quick
         return MM_CONFIGS[-1]
-    limit = _shared_limit(device)
-    return next((c for c in MM_CONFIGS if c.shared_bytes() <= limit), MM_CONFIGS[-1])
+    limit, tma = _shared_limit(device), torch.cuda.get_device_capability(device) >= (9, 0)
+    return next((c for c in MM_CONFIGS if c.shared_bytes() <= limit and (tma or not c.tma)), MM_CONFIGS[-1])
 
 
 def int8_matmul(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -627,7 +678,18 @@ def int8_matmul(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
         weight = weight.contiguous()
     c = config or mm_config(x8.device, m, n, k)
     out = torch.empty((m, n), device=x8.device, dtype=dtype)
-    grid = (triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn),)
+    tiles = triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn)
+    if c.tma and k % 16 == 0:  # TMA wants 16-byte row strides
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        programs = min(tiles, _sm_count(x8.device))
+        _int8_mm_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(x8, [c.bm, c.bk]), TensorDescriptor.from_tensor(weight, [c.bn, c.bk]),
+            x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k, out.stride(0),
+            HAS_BIAS=bias is not None, BM=c.bm, BN=c.bn, BK=c.bk, GROUP_M=c.group_m, PROGRAMS=programs,
+            num_warps=c.warps, num_stages=c.stages)
+        return out
+    grid = (tiles,)
     _int8_mm_kernel[grid](x8, weight, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
                           x8.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                           EVEN_K=k % c.bk == 0, BM=c.bm, BN=c.bn, BK=c.bk, GROUP_M=c.group_m, num_warps=c.warps,
