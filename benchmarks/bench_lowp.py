@@ -557,17 +557,20 @@ def quantized_block(view: BlockWeights, kind: str, rotation: int | None = None) 
 
 
 @contextlib.contextmanager
-def unfused_int8(on: bool):
-    """With ``on``, ``kernels.int8_matmul`` replaced by ``torch._int_mm`` + ``kernels.int8_epilogue`` (the int8
-    product before the fused kernel: the int32 result written and read back), for a same-process comparison."""
-    if not on:
-        yield
-        return
-
+def int8_product(how: str):
+    """``how="int_mm"``: ``kernels.int8_matmul`` replaced by ``torch._int_mm`` + ``kernels.int8_epilogue`` (the int8
+    product before the fused kernel: the int32 result written and read back); ``"tma"``: ``int8_matmul`` with the
+    persistent TMA kernel (``kernels.TMA_CONFIG``); anything else: as shipped. For same-process comparisons."""
     def two_pass(x8, x_scale, weight, w_scale, bias, dtype, config=None):
         return kernels.int8_epilogue(int8.int8_mm(x8, weight), x_scale, w_scale, bias, dtype)
 
-    with mock.patch.object(kernels, "int8_matmul", two_pass):
+    if how == "int_mm":
+        with mock.patch.object(kernels, "int8_matmul", two_pass):
+            yield
+    elif how == "tma":
+        with mock.patch.object(kernels, "mm_config", lambda *a: kernels.TMA_CONFIG):
+            yield
+    else:
         yield
 
 
@@ -595,14 +598,17 @@ def bench_block(b: Bench, results: Results) -> None:
             variants = {"bf16": (view, False), "fp8": (quantized_block(view, "fp8"), True),
                         "int8": (quantized_block(view, "int8"), True),
                         "int8rot": (quantized_block(view, "int8", rot), True)}
-            # the int8 products as before the fused matmul (torch._int_mm, then kernels.int8_epilogue), same process
-            variants |= {f"{kind}_int_mm": variants[kind] for kind in ("int8", "int8rot")}
+            # the int8 products as before the fused matmul (torch._int_mm, then kernels.int8_epilogue), and through
+            # the persistent TMA kernel (Hopper), same process
+            variants |= {f"{kind}_{how}": variants[kind] for kind in ("int8", "int8rot") for how in ("int_mm", "tma")
+                         if how != "tma" or (not b.smoke and torch.cuda.get_device_capability(b.device) >= (9, 0))}
             for kind, (v, lowp) in variants.items():
                 try:
-                    with unfused_int8(kind.endswith("_int_mm")):
+                    how = "int_mm" if kind.endswith("_int_mm") else "tma" if kind.endswith("_tma") else ""
+                    with int8_product(how):
                         out = block_forward(*args, v, shape, lowp)
                     if dist == "normal":
-                        with unfused_int8(kind.endswith("_int_mm")):
+                        with int8_product(how):
                             t = b.time_us(lambda: block_forward(*args, v, shape, lowp))
                         results[f"block_{kind}_ms"] = t / 1e3
                         results[f"steps8_{kind}_s"] = t * BLOCKS_PER_STEP * STEPS / 1e6

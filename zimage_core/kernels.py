@@ -633,9 +633,12 @@ class MMConfig(NamedTuple):
 # In order of preference, the first that the device runs (TMA: compute capability 9.0+) and whose pipeline fits its
 # shared memory per block is used. 128 x 256 x 128 in 3 stages was the fastest pointer tiling on the H100 at every
 # GEMM shape of the block or within 0.4% (14 tried, benchmarks/results/lowp_int8mm_h100.json: 49.9 ms of int8 GEMMs
-# a 1024² step, 942-1017 TOPS, against 57.2 ms for torch._int_mm alone and 70.5 with its epilogue).
-MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3, True), MMConfig(128, 256, 128, 8, 8, 3),
-              MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3), MMConfig(32, 32, 32, 1, 4, 1))
+# a 1024² step, 942-1017 TOPS, against 57.2 ms for torch._int_mm alone and 70.5 with its epilogue). The persistent
+# TMA kernel is not in the list: it builds for sm_90 and is exact, but has not been timed on a GPU yet
+# (``benchmarks/bench_lowp.py`` sweeps it as ``*_tma``; ``TMA_CONFIG`` is its first candidate).
+MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3), MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3),
+              MMConfig(32, 32, 32, 1, 4, 1))
+TMA_CONFIG = MMConfig(128, 256, 128, 8, 8, 3, True)
 _SHARED: dict[tuple, int] = {}
 
 
