@@ -20,7 +20,9 @@ For GPUs without fp8 tensor cores (A100, RTX 30xx) and for Comfy-Org's ``*_int8_
 fewer rows are padded with zero rows (the padding's results are dropped); a K or N that is not a multiple of 8
 falls back to dequantize-then-matmul (W8A16: the weight dequantized to the compute dtype, the activation not
 quantized), as does a device without ``_int_mm`` (MPS; CUDA below compute capability 8.0, where it is unchecked
-here) and ``matmul=False``. Speed: unmeasured here (no GPU in this session; ``benchmarks/bench_lowp.py`` measures it).
+here) and ``matmul=False``. Speed (H100, ``benchmarks/results/lowp_int8mm_h100.json``): a 1024² step's int8 GEMMs
+take 50.8 ms through ``kernels.int8_matmul`` against 70.5 ms through ``_int_mm`` and a separate epilogue pass
+(cuBLAS fp8: 41.6 ms); 8 steps through ComfyUI on an int8_convrot file 0.691 s (native's own int8: 1.029 s).
 """
 
 from __future__ import annotations
