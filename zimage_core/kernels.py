@@ -452,15 +452,31 @@ if _TRITON:
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rm[:, None] < m) & (rn[None, :] < n)
         offs = rm[:, None].to(tl.int64) * n + rn[None, :]
-        acc = tl.load(acc_ptr + offs, mask=mask, other=0).to(tl.float32)
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0)
+        _int8_scale_store(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, out_ptr, m, n, n, HAS_BIAS)
+
+    @triton.jit
+    def _int8_scale_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, so, HAS_BIAS: tl.constexpr):
+        """``((acc * xs[rm]) * ws[rn] + bias[rn])`` in fp32 for the int32 sums ``acc`` [rm, rn], rounded once to the
+        output dtype and stored where ``rm < m`` and ``rn < n`` (output rows ``so`` apart)."""
         xs = tl.load(xs_ptr + rm, mask=rm < m, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=rn < n, other=0.0)
-        y = acc * xs[:, None]
+        y = acc.to(tl.float32) * xs[:, None]
         y = y * ws[None, :]
         if HAS_BIAS:
-            y = y + tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
+            y = y + tl.load(bias_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
         DT: tl.constexpr = out_ptr.dtype.element_ty
-        tl.store(out_ptr + offs, _round(y, DT).to(DT), mask=mask)
+        mask = (rm[:, None] < m) & (rn[None, :] < n)
+        tl.store(out_ptr + rm.to(tl.int64)[:, None] * so + rn[None, :], _round(y, DT).to(DT), mask=mask)
+
+    @triton.jit
+    def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of linear tile ``tile`` in groups of ``GROUP_M`` rows of tiles (the order that
+        keeps the weight's tiles in L2 across neighbouring programs)."""
+        per_group = GROUP_M * tiles_n
+        first_m = (tile // per_group) * GROUP_M
+        group_m = min(tiles_m - first_m, GROUP_M)
+        return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
 
 
     @triton.jit
@@ -469,15 +485,8 @@ if _TRITON:
                         BK: tl.constexpr, GROUP_M: tl.constexpr):
         """``int8_epilogue(a @ b.T)`` in one kernel: int8 ``a`` [m, k] times int8 ``b`` [n, k] (both rows k-major, the
         layout int8 tensor cores take) summed exactly in int32, then ``((acc * xs) * ws + bias)`` in fp32 rounded
-        once to the output dtype, so the int32 result never goes to memory. Tiles in groups of ``GROUP_M`` rows of
-        tiles (the order that keeps ``b``'s tiles in L2 across neighbouring programs)."""
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(m, BM), tl.cdiv(n, BN)
-        per_group = GROUP_M * tiles_n
-        first_m = (pid // per_group) * GROUP_M
-        group_m = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_m
-        pid_n = (pid % per_group) // group_m
+        once to the output dtype, so the int32 result never goes to memory."""
+        pid_m, pid_n = _tile_of(tl.program_id(0), tl.cdiv(m, BM), tl.cdiv(n, BN), GROUP_M)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -493,24 +502,7 @@ if _TRITON:
             acc = tl.dot(av, bv, acc, out_dtype=tl.int32)
             a += BK
             b += BK
-        xs = tl.load(xs_ptr + rm, mask=rm < m, other=0.0)
-        ws = tl.load(ws_ptr + rn, mask=rn < n, other=0.0)
-        y = acc.to(tl.float32) * xs[:, None]
-        y = y * ws[None, :]
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
-        DT: tl.constexpr = out_ptr.dtype.element_ty
-        mask = (rm[:, None] < m) & (rn[None, :] < n)
-        tl.store(out_ptr + rm.to(tl.int64)[:, None] * so + rn[None, :], _round(y, DT).to(DT), mask=mask)
-
-
-    @triton.jit
-    def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-        """(row tile, column tile) of linear tile ``tile`` in groups of ``GROUP_M`` rows of tiles."""
-        per_group = GROUP_M * tiles_n
-        first_m = (tile // per_group) * GROUP_M
-        group_m = min(tiles_m - first_m, GROUP_M)
-        return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+        _int8_scale_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, so, HAS_BIAS)
 
     @triton.jit
     def _int8_mm_tma_kernel(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, k, so,
@@ -527,17 +519,8 @@ if _TRITON:
                 av = a_desc.load([pid_m * BM, start])
                 bv = b_desc.load([pid_n * BN, start])
                 acc = tl.dot(av, bv.T, acc, out_dtype=tl.int32)
-            rm = pid_m * BM + tl.arange(0, BM)
-            rn = pid_n * BN + tl.arange(0, BN)
-            xs = tl.load(xs_ptr + rm, mask=rm < m, other=0.0)
-            ws = tl.load(ws_ptr + rn, mask=rn < n, other=0.0)
-            y = acc.to(tl.float32) * xs[:, None]
-            y = y * ws[None, :]
-            if HAS_BIAS:
-                y = y + tl.load(bias_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)[None, :]
-            DT: tl.constexpr = out_ptr.dtype.element_ty
-            mask = (rm[:, None] < m) & (rn[None, :] < n)
-            tl.store(out_ptr + rm.to(tl.int64)[:, None] * so + rn[None, :], _round(y, DT).to(DT), mask=mask)
+            _int8_scale_store(acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), xs_ptr, ws_ptr,
+                              bias_ptr, out_ptr, m, n, so, HAS_BIAS)
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
