@@ -31,7 +31,8 @@ Which kernels (``benchmarks/bench_eager.py`` times each against the torch refere
 - ``int8_matmul``: the int8 product and its epilogue (row scale, column scale, bias, one rounding) in one kernel,
   so the int32 sums stay in registers (``torch._int_mm`` writes them, 4 bytes an element, and ``int8_epilogue``
   read them back: on the H100 that pair ran at 600-780 TOPS against ``_int_mm``'s 740-890 alone,
-  ``benchmarks/results/lowp_h100.json``). Bit for bit ``_int_mm`` + the torch epilogue under the interpreter;
+  ``benchmarks/results/lowp_h100.json``); in one kernel a step's int8 GEMMs take 50.8 ms instead of 70.5
+  (``lowp_int8mm_h100.json``). Bit for bit ``_int_mm`` + the torch epilogue under the interpreter and on the H100;
   builds to wgmma (sm_90) and mma.sync (sm_80) behind a cp.async pipeline (tests/test_kernels.py).
 
 Numerics: the statistics are in fp32 and every rounding the torch reference (``blocks.rms``/``blocks.rope``,
@@ -616,7 +617,7 @@ class MMConfig(NamedTuple):
 # In order of preference, the first that the device runs (TMA: compute capability 9.0+) and whose pipeline fits its
 # shared memory per block is used. 128 x 256 x 128 in 3 stages was the fastest pointer tiling on the H100 at every
 # GEMM shape of the block or within 0.4% (14 tried, benchmarks/results/lowp_int8mm_h100.json: 49.9 ms of int8 GEMMs
-# a 1024² step, 942-1017 TOPS, against 57.2 ms for torch._int_mm alone and 70.5 with its epilogue). The persistent
+# a 1024² step, 942-1017 TOPS, against 57.3 ms for torch._int_mm alone and 70.5 with its epilogue). The persistent
 # TMA kernel is not in the list: it builds for sm_90 and is exact, but has not been timed on a GPU yet
 # (``benchmarks/bench_lowp.py`` sweeps it as ``*_tma``; ``TMA_CONFIG`` is its first candidate).
 MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3), MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3),

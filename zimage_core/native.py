@@ -607,7 +607,7 @@ def warm_up_due(transformer_options: dict | None, calls: int) -> bool:
 
 def fp8_matmul_usable(weight_dtype: torch.dtype, device) -> tuple[bool, str]:
     """Whether low-precision matmuls can run on weights stored in ``weight_dtype``: e4m3 on fp8 tensor cores, int8
-    on int8 tensor cores (``torch._int_mm``: CUDA 8.0+ or the CPU)."""
+    on int8 tensor cores (``kernels.int8_matmul`` on CUDA 8.0+, ``torch._int_mm`` on the CPU)."""
     if weight_dtype == torch.int8:
         from .int8 import int8_mm_available
 
