@@ -195,14 +195,10 @@ def sweep_configs(b: Bench) -> list:
     this device's shared memory (the smoke run: two small ones)."""
     C = kernels.MMConfig
     if b.smoke:
-        return [C(32, 32, 32, 1, 4, 1), C(16, 32, 32, 2, 4, 2), C(32, 32, 32, 2, 4, 2, True)]
+        return [C(32, 32, 32, 1, 4, 1), C(16, 32, 32, 2, 4, 2)]
     grid = [C(128, 256, 128, 8, 8, 3), C(128, 256, 128, 8, 8, 4), C(128, 256, 64, 8, 8, 4), C(128, 256, 64, 8, 8, 5),
             C(256, 128, 128, 8, 8, 3), C(256, 128, 64, 8, 8, 4), C(128, 128, 128, 8, 4, 4), C(128, 128, 128, 8, 8, 4),
             C(128, 128, 64, 8, 4, 5), C(64, 256, 128, 8, 4, 4), C(128, 256, 128, 16, 8, 3), C(256, 256, 64, 8, 8, 3)]
-    if torch.cuda.get_device_capability(b.device) >= (9, 0):  # persistent, TMA tile loads
-        grid += [C(128, 256, 128, 8, 8, 3, True), C(128, 256, 128, 8, 8, 4, True), C(128, 256, 64, 8, 8, 4, True),
-                 C(128, 256, 64, 8, 8, 5, True), C(256, 128, 64, 8, 8, 4, True), C(128, 128, 128, 8, 8, 4, True),
-                 C(128, 128, 128, 8, 4, 4, True), C(128, 256, 128, 16, 8, 3, True), C(128, 128, 64, 8, 4, 6, True)]
     limit = kernels._shared_limit(b.device)
     return [c for c in dict.fromkeys([*kernels.MM_CONFIGS, *grid]) if c.shared_bytes() <= limit]
 
@@ -222,7 +218,7 @@ def bench_int8_configs(b: Bench, results: Results) -> None:
         ref = kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16)
         times = {}
         for c in sweep_configs(b):
-            tag = f"{c.bm}x{c.bn}x{c.bk}_g{c.group_m}_w{c.warps}_s{c.stages}{'_tma' if c.tma else ''}"
+            tag = f"{c.bm}x{c.bn}x{c.bk}_g{c.group_m}_w{c.warps}_s{c.stages}"
             fn = lambda c=c: kernels.int8_matmul(xi, xis, wi, wis, None, torch.bfloat16, c)  # noqa: E731
             try:
                 same = torch.equal(fn(), ref)
@@ -557,20 +553,17 @@ def quantized_block(view: BlockWeights, kind: str, rotation: int | None = None) 
 
 
 @contextlib.contextmanager
-def int8_product(how: str):
-    """``how="int_mm"``: ``kernels.int8_matmul`` replaced by ``torch._int_mm`` + ``kernels.int8_epilogue`` (the int8
-    product before the fused kernel: the int32 result written and read back); ``"tma"``: ``int8_matmul`` with the
-    persistent TMA kernel (``kernels.TMA_CONFIG``); anything else: as shipped. For same-process comparisons."""
+def unfused_int8(on: bool):
+    """With ``on``, ``kernels.int8_matmul`` replaced by ``torch._int_mm`` + ``kernels.int8_epilogue`` (the int8
+    product before the fused kernel: the int32 result written and read back), for a same-process comparison."""
+    if not on:
+        yield
+        return
+
     def two_pass(x8, x_scale, weight, w_scale, bias, dtype, config=None):
         return kernels.int8_epilogue(int8.int8_mm(x8, weight), x_scale, w_scale, bias, dtype)
 
-    if how == "int_mm":
-        with mock.patch.object(kernels, "int8_matmul", two_pass):
-            yield
-    elif how == "tma":
-        with mock.patch.object(kernels, "mm_config", lambda *a: kernels.TMA_CONFIG):
-            yield
-    else:
+    with mock.patch.object(kernels, "int8_matmul", two_pass):
         yield
 
 
@@ -598,17 +591,14 @@ def bench_block(b: Bench, results: Results) -> None:
             variants = {"bf16": (view, False), "fp8": (quantized_block(view, "fp8"), True),
                         "int8": (quantized_block(view, "int8"), True),
                         "int8rot": (quantized_block(view, "int8", rot), True)}
-            # the int8 products as before the fused matmul (torch._int_mm, then kernels.int8_epilogue), and through
-            # the persistent TMA kernel (Hopper), same process
-            variants |= {f"{kind}_{how}": variants[kind] for kind in ("int8", "int8rot") for how in ("int_mm", "tma")
-                         if how != "tma" or (not b.smoke and torch.cuda.get_device_capability(b.device) >= (9, 0))}
+            # the int8 products as before the fused matmul (torch._int_mm, then kernels.int8_epilogue), same process
+            variants |= {f"{kind}_int_mm": variants[kind] for kind in ("int8", "int8rot")}
             for kind, (v, lowp) in variants.items():
                 try:
-                    how = "int_mm" if kind.endswith("_int_mm") else "tma" if kind.endswith("_tma") else ""
-                    with int8_product(how):
+                    with unfused_int8(kind.endswith("_int_mm")):
                         out = block_forward(*args, v, shape, lowp)
                     if dist == "normal":
-                        with int8_product(how):
+                        with unfused_int8(kind.endswith("_int_mm")):
                             t = b.time_us(lambda: block_forward(*args, v, shape, lowp))
                         results[f"block_{kind}_ms"] = t / 1e3
                         results[f"steps8_{kind}_s"] = t * BLOCKS_PER_STEP * STEPS / 1e6

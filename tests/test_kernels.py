@@ -665,9 +665,8 @@ def _compile_for(fn, types: dict, consts: dict, warps: int, capability: int, sta
 @pytest.mark.parametrize("capability", [90, 80])
 def test_int8_matmul_compiles_to_tensor_cores(capability):
     """At the model's shapes (every size and stride a multiple of 16) the fused int8 matmul builds to int8 tensor
-    core instructions (Hopper's wgmma, Ampere's mma.sync) fed by an asynchronous copy pipeline (cp.async; TMA for the
-    persistent Hopper kernel), for every tiling ``mm_config`` can pick that fits the card (an H100's 227 KiB of
-    shared memory, an RTX 3090's 99 KiB) and for ``TMA_CONFIG``."""
+    core instructions (Hopper's wgmma, Ampere's mma.sync) fed by an asynchronous copy pipeline, for every tiling
+    ``mm_config`` can pick that fits the card (an H100's 227 KiB of shared memory, an RTX 3090's 99 KiB)."""
     from zimage_core import kernels
 
     if not kernels.available() or os.environ.get("TRITON_INTERPRET") == "1":
@@ -676,22 +675,14 @@ def test_int8_matmul_compiles_to_tensor_cores(capability):
              "out_ptr": "*bf16"}
     aligned = (*types, "n", "k", "sa", "sb", "so")
     limit = 227 * 1024 if capability == 90 else 99 * 1024
-    configs = [c for c in (*kernels.MM_CONFIGS, kernels.TMA_CONFIG) if c.shared_bytes() <= limit and c.bm >= 64
-               and (capability >= 90 or not c.tma)]
-    assert any(c.tma for c in configs) == (capability >= 90) and any(not c.tma for c in configs)
+    configs = [c for c in kernels.MM_CONFIGS if c.shared_bytes() <= limit and c.bm >= 64]
+    assert configs
     for c in configs:
-        consts = {"HAS_BIAS": True, "BM": c.bm, "BN": c.bn, "BK": c.bk, "GROUP_M": c.group_m}
-        if c.tma:  # the persistent kernel: tiles through TMA descriptors
-            desc = {"a_desc": f"tensordesc<i8[{c.bm}, {c.bk}]>", "b_desc": f"tensordesc<i8[{c.bn}, {c.bk}]>"}
-            built = _compile_for(kernels._int8_mm_tma_kernel, {**types, **desc}, {**consts, "PROGRAMS": 132},
-                                 c.warps, capability, c.stages, (*types.keys() - {"a_ptr", "b_ptr"}, "n", "k", "so"))
-            assert "cp.async.bulk.tensor.2d" in built.asm["ptx"], c  # TMA tile loads
-        else:
-            built = _compile_for(kernels._int8_mm_kernel, types, {**consts, "EVEN_K": True}, c.warps, capability,
-                                 c.stages, aligned)
-            assert "cp.async" in built.asm["ptx"] and built.asm["ttgir"].count("async_copy") >= 2, c  # pipelined
+        consts = {"HAS_BIAS": True, "EVEN_K": True, "BM": c.bm, "BN": c.bn, "BK": c.bk, "GROUP_M": c.group_m}
+        built = _compile_for(kernels._int8_mm_kernel, types, consts, c.warps, capability, c.stages, aligned)
         ptx = built.asm["ptx"]
         assert ("wgmma.mma_async" in ptx) if capability == 90 else ("mma.sync.aligned" in ptx and ".s8.s8" in ptx), c
+        assert "cp.async" in ptx and built.asm["ttgir"].count("async_copy") >= 2, c  # pipelined, not byte loads
         assert built.metadata.shared <= min(limit, c.shared_bytes() + 256), c  # the estimate bounds it (sm_80: one
         # stage fewer of buffers than asked, Triton's Ampere pipeliner)
 

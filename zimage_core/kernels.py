@@ -505,24 +505,6 @@ if _TRITON:
             b += BK
         _int8_scale_store(acc, rm, rn, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, so, HAS_BIAS)
 
-    @triton.jit
-    def _int8_mm_tma_kernel(a_desc, b_desc, xs_ptr, ws_ptr, bias_ptr, out_ptr, m, n, k, so,
-                            HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                            GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
-        """``_int8_mm_kernel`` with the tiles fetched by the tensor memory accelerator (Hopper's TMA: whole tiles
-        copied by one instruction, out-of-range rows and columns read as 0) and one program per SM walking the
-        tiles (persistent), so one tile's epilogue overlaps the next one's loads."""
-        tiles_m, tiles_n = tl.cdiv(m, BM), tl.cdiv(n, BN)
-        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
-            pid_m, pid_n = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
-            acc = tl.zeros((BM, BN), dtype=tl.int32)
-            for start in range(0, k, BK):
-                av = a_desc.load([pid_m * BM, start])
-                bv = b_desc.load([pid_n * BN, start])
-                acc = tl.dot(av, bv.T, acc, out_dtype=tl.int32)
-            _int8_scale_store(acc, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), xs_ptr, ws_ptr,
-                              bias_ptr, out_ptr, m, n, so, HAS_BIAS)
-
 
 # ------------------------------------------------------------------------------------------------ wrappers
 QUANT_KINDS = {"fp8": 1, "int8": 2}  # the kernels' QUANT codes
@@ -597,8 +579,7 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
 
 
 class MMConfig(NamedTuple):
-    """One tiling of ``_int8_mm_kernel``: tile rows, columns and depth, tile rows per group, warps, pipeline stages;
-    ``tma``: ``_int8_mm_tma_kernel`` instead (persistent, TMA tile loads: compute capability 9.0+)."""
+    """One tiling of ``_int8_mm_kernel``: tile rows, columns and depth, tile rows per group, warps, pipeline stages."""
 
     bm: int
     bn: int
@@ -606,23 +587,20 @@ class MMConfig(NamedTuple):
     group_m: int
     warps: int
     stages: int
-    tma: bool = False
 
     def shared_bytes(self) -> int:
-        """Shared memory its pipeline asks for (int8 tiles of ``a`` and ``b`` per stage; the TMA kernel also a
-        byte per output element and its barriers: 180,248 bytes for 128 x 256 x 128 in 3 stages, Triton 3.8)."""
-        return self.stages * (self.bm + self.bn) * self.bk + (self.bm * self.bn + 64 if self.tma else 0)
+        """Shared memory its pipeline asks for at most (int8 tiles of ``a`` and ``b`` per stage)."""
+        return self.stages * (self.bm + self.bn) * self.bk
 
 
-# In order of preference, the first that the device runs (TMA: compute capability 9.0+) and whose pipeline fits its
-# shared memory per block is used. 128 x 256 x 128 in 3 stages was the fastest pointer tiling on the H100 at every
-# GEMM shape of the block or within 0.4% (14 tried, benchmarks/results/lowp_int8mm_h100.json: 49.9 ms of int8 GEMMs
-# a 1024² step, 942-1017 TOPS, against 57.3 ms for torch._int_mm alone and 70.5 with its epilogue). The persistent
-# TMA kernel is not in the list: it builds for sm_90 and is exact, but has not been timed on a GPU yet
-# (``benchmarks/bench_lowp.py`` sweeps it as ``*_tma``; ``TMA_CONFIG`` is its first candidate).
+# In order of preference, the first whose pipeline fits the device's shared memory per block is used. 128 x 256 x 128
+# in 3 stages was the fastest tiling on the H100 at every GEMM shape of the block or within 0.4% (14 tried,
+# benchmarks/results/lowp_int8mm_h100.json: 49.9 ms of int8 GEMMs a 1024² step, 942-1017 TOPS, against 57.3 ms for
+# torch._int_mm alone and 70.5 with its epilogue). A persistent kernel fed by TMA (Hopper's tensor memory
+# accelerator; 9 tilings) was no faster on a second H100 (56.5 ms against this one's 56.0 there, whole int8 blocks
+# within 2% either way: lowp_int8mm_tma_h100.json), so it was taken out again (commit 1231e44 has it).
 MM_CONFIGS = (MMConfig(128, 256, 128, 8, 8, 3), MMConfig(128, 128, 128, 8, 4, 4), MMConfig(64, 128, 64, 8, 4, 3),
               MMConfig(32, 32, 32, 1, 4, 1))
-TMA_CONFIG = MMConfig(128, 256, 128, 8, 8, 3, True)
 _SHARED: dict[tuple, int] = {}
 
 
@@ -637,18 +615,12 @@ def _shared_limit(device: torch.device) -> int:
     return _SHARED[key]
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few persistent programs, so that each walks several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def mm_config(device: torch.device, m: int, n: int, k: int) -> MMConfig:
     """The tiling ``int8_matmul`` takes for an [m, k] by [n, k] product on ``device``."""
     if device.type != "cuda":  # the interpreter: small tiles keep the CPU tests quick
         return MM_CONFIGS[-1]
-    limit, tma = _shared_limit(device), torch.cuda.get_device_capability(device) >= (9, 0)
-    return next((c for c in MM_CONFIGS if c.shared_bytes() <= limit and (tma or not c.tma)), MM_CONFIGS[-1])
+    limit = _shared_limit(device)
+    return next((c for c in MM_CONFIGS if c.shared_bytes() <= limit), MM_CONFIGS[-1])
 
 
 def int8_matmul(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor,
@@ -665,18 +637,7 @@ def int8_matmul(x8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
         weight = weight.contiguous()
     c = config or mm_config(x8.device, m, n, k)
     out = torch.empty((m, n), device=x8.device, dtype=dtype)
-    tiles = triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn)
-    if c.tma and k % 16 == 0:  # TMA wants 16-byte row strides
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        programs = min(tiles, _sm_count(x8.device))
-        _int8_mm_tma_kernel[(programs,)](
-            TensorDescriptor.from_tensor(x8, [c.bm, c.bk]), TensorDescriptor.from_tensor(weight, [c.bn, c.bk]),
-            x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k, out.stride(0),
-            HAS_BIAS=bias is not None, BM=c.bm, BN=c.bn, BK=c.bk, GROUP_M=c.group_m, PROGRAMS=programs,
-            num_warps=c.warps, num_stages=c.stages)
-        return out
-    grid = (tiles,)
+    grid = (triton.cdiv(m, c.bm) * triton.cdiv(n, c.bn),)
     _int8_mm_kernel[grid](x8, weight, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
                           x8.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
                           EVEN_K=k % c.bk == 0, BM=c.bm, BN=c.bn, BK=c.bk, GROUP_M=c.group_m, num_warps=c.warps,
