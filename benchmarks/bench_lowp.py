@@ -234,7 +234,7 @@ def bench_int8_configs(b: Bench, results: Results) -> None:
         best = min(times, key=times.get)
         best_total += times[best] * GEMM_COUNT[name]
         results.note(f"int8cfg_best_{name}", f"{best}: {times[best]:.1f} us, {2.0 * m * k * n / times[best] * 1e-6:.0f} TOPS")
-        picked = kernels.mm_config(b.device, m, n, k)
+        picked = kernels.mm_config(b.device)
         results.note(f"int8cfg_picked_{name}", str(picked))
         print(f"  int8cfg {name}: best {best} {times[best]:.1f} us; picked {picked}", flush=True)
         del xi, wi, ref

@@ -349,6 +349,9 @@ def _checks() -> dict:
                 "tiles_64": same(kernels.int8_matmul(a8, a_s, w8, w_s, bias, dt,
                                                      kernels.MMConfig(64, 64, 64, 2, 4, 2)), ref),
                 "nan_rows": torch.isnan(ref.float()).any(1).nonzero().flatten().tolist()}
+    no_rows = kernels.int8_matmul(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(0, 1), w8[:, :64].contiguous(),
+                                  w_s, None, torch.bfloat16)
+    res["int8_matmul_no_rows"] = [list(no_rows.shape), str(no_rows.dtype)]
     # an int8 block (dim 96, FFN 256: every matmul int8-able) with the kernels against the torch path: the kernels hand
     # q/k/v, w1/w3 and w2 their input already quantized (and rotated); only the attention output is quantized apart
     from diffusers import ZImageTransformer2DModel
@@ -592,7 +595,8 @@ def test_int8_epilogue_is_bit_exact(measured):
 def test_int8_matmul_is_bit_exact(measured):
     """``kernels.int8_matmul`` (one kernel: int8 dot, int32 sums, fp32 epilogue) gives torch._int_mm + the torch
     epilogue's bits, whatever the tiling; a NaN row scale makes that row NaN and no other."""
-    cases = [k for k in measured if k.startswith("int8_matmul_")]
+    assert measured["int8_matmul_no_rows"] == [[0, 72], "torch.bfloat16"]
+    cases = [k for k in measured if k.startswith("int8_matmul_") and k != "int8_matmul_no_rows"]
     assert len(cases) == 12, cases
     for key in cases:
         m = measured[key]
