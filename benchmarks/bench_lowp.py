@@ -6,11 +6,14 @@ median of ``--repeat`` CUDA-event timings after warm-up:
 
 - ``gemm_*``: the block's four GEMM shapes (q/k/v 3840->11520, out 3840->3840, w1 and w3 3840->10240 each, w2
   10240->3840) in bf16 (``F.linear``), fp8 (``torch._scaled_mm`` row-wise, operands already quantized), int8
-  (``torch._int_mm``, operands already quantized; and with our fp32 epilogue ``kernels.int8_epilogue``), and whole
+  (``torch._int_mm``, operands already quantized; and with our fp32 epilogue ``kernels.int8_epilogue``; and
+  ``int8_triton``: both in one kernel, ``kernels.int8_matmul``, with the share of its outputs that differ), and whole
   ``fp8_linear``/``int8_linear`` calls on a bf16 input (quantization included); comfy-kitchen's ``int8_linear``
   where it imports. TFLOP/s = 2·M·K·N / time. ``floor8_*_s``: 8 steps x 32 blocks (30 layers + 2 noise refiners,
   all counted at 4224 tokens) of these GEMMs plus cuDNN's attention: the README's floor for each precision (the
   adaLN, embedders and final layer, under 1% of the FLOPs, left out).
+- ``int8cfg_*``: ``kernels.int8_matmul``'s tilings swept per GEMM shape (time per shape and per step, the best,
+  what ``mm_config`` picks).
 - ``parity_*``: on this device, the share of the kernels' fp8/int8 codes (fused into ``rms_norm`` and standalone) that
   differ from torch's quantization of the same rows, and whether the scales are equal (0 and 1 expected; the fp8
   kernel writes +0 for a few of torch's -0).
@@ -28,7 +31,8 @@ median of ``--repeat`` CUDA-event timings after warm-up:
 - ``torchao_*``: torchao's float8 dynamic-activation / float8-weight row-wise config on one block's five linears,
   eager and ``torch.compile``d, against our ``fp8_linear`` (quantization included and with pre-quantized input).
 - ``block_*``: ``blocks.block_forward`` at 1024² in bf16, fp8 (row-scaled e4m3, fp8 matmuls, fused quantization),
-  int8 (W8A8, fused quantization) and int8 rotated (groups of 256), per call, ``steps8_*_s`` = 8 x 32 calls, and
+  int8 (W8A8, fused quantization) and int8 rotated (groups of 256), each int8 also with the product as two passes
+  (``*_int_mm``: ``torch._int_mm`` + ``int8_epilogue``), per call, ``steps8_*_s`` = 8 x 32 calls, and
   rel-L2 against the bf16 and the fp32 block, for weights of two distributions (normal and uniform, both of
   variance 1/fan_in).
 
@@ -233,13 +237,14 @@ def bench_int8_configs(b: Bench, results: Results) -> None:
             step[tag] = step.get(tag, 0.0) + t * GEMM_COUNT[name]
         best = min(times, key=times.get)
         best_total += times[best] * GEMM_COUNT[name]
-        results.note(f"int8cfg_best_{name}", f"{best}: {times[best]:.1f} us, {2.0 * m * k * n / times[best] * 1e-6:.0f} TOPS")
+        tops = 2.0 * m * k * n / times[best] * 1e-6
+        results.note(f"int8cfg_best_{name}", f"{best}: {times[best]:.1f} us, {tops:.0f} TOPS")
         picked = kernels.mm_config(b.device)
         results.note(f"int8cfg_picked_{name}", str(picked))
         print(f"  int8cfg {name}: best {best} {times[best]:.1f} us; picked {picked}", flush=True)
         del xi, wi, ref
     for tag, us in step.items():
-        if len(gemm_shapes(b.shape)) and all(f"int8cfg_{s}_{tag}_us" in results.data["metrics"] for s in gemm_shapes(b.shape)):
+        if all(f"int8cfg_{s}_{tag}_us" in results.data["metrics"] for s in gemm_shapes(b.shape)):
             results[f"int8cfg_step_{tag}_ms"] = us * BLOCKS_PER_STEP / 1e3
     results["int8cfg_step_best_per_shape_ms"] = best_total * BLOCKS_PER_STEP / 1e3
 
