@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import rel_l2 as rel  # noqa: E402  (benchmarks/, this script's folder)
 from zimage_core.fp8 import quantize_activation_rowwise  # noqa: E402
 
 DIM, HIDDEN = 3840, 10240  # Z-Image's block: qkv 3840 -> 3x3840, out 3840 -> 3840, w1/w3 3840 -> 10240, w2 back
@@ -60,10 +61,6 @@ def activations(kind: str, rows: int, k: int, gen: torch.Generator) -> torch.Ten
     if kind == "swiglu":
         return F.silu(torch.randn(rows, k, generator=gen)) * torch.randn(rows, k, generator=gen)
     return torch.randn(rows, k, generator=gen) * 0.05  # small rows: e4m3's subnormals without a scale
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def main() -> None:

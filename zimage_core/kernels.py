@@ -567,7 +567,10 @@ def int8_epilogue(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tenso
     """``((acc.float() * x_scale) * w_scale.T + bias.float()).to(dtype)`` for the int32 result ``acc`` [m, n] of an
     int8 matmul, ``x_scale`` [m, 1] and ``w_scale`` [n] fp32, in one pass (``int8.int8_linear``'s torch epilogue is
     the reference: the same fp32 operations in the same order, bit for bit under the interpreter; on a GPU the
-    compiler may fuse the bias add into an fma, a difference of at most one fp32 rounding before the cast)."""
+    compiler may fuse the bias add into an fma, a difference of at most one fp32 rounding before the cast).
+
+    Not on the pack's path since ``int8_matmul`` does this inside the product: kept as the baseline
+    ``benchmarks/bench_lowp.py`` times it against (``int8_mm_epilogue``, the blocks' ``*_int_mm``)."""
     m, n = acc.shape
     out = torch.empty((m, n), device=acc.device, dtype=dtype)
     bm, bn = 32, 128
